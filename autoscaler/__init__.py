@@ -1,0 +1,1 @@
+"""dgpt's custom autoscaler: frozen context, pure policies, decisions, one actuator, the loop."""

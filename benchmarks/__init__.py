@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks and the fleet simulator; results/ holds their JSON output."""

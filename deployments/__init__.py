@@ -1,0 +1,1 @@
+"""Ray Serve applications (model deployments) and their Serve config YAML files."""

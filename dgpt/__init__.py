@@ -1,0 +1,16 @@
+"""dgpt: donated idle devices as one elastic Ray fabric for AI training and inference.
+
+``import dgpt`` stays light (no torch, no Ray Serve) so the donor agent starts fast.
+"""
+
+from dgpt.config import Settings, load_settings
+from dgpt.exceptions import DgptError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DgptError",
+    "Settings",
+    "__version__",
+    "load_settings",
+]

@@ -1,0 +1,1 @@
+"""The dgpt command line: one typer sub-app per noun, thin over sdk/ and head/."""

@@ -1,0 +1,176 @@
+"""All of dgpt's settings: one pydantic model, read from DGPT_* variables and a TOML file.
+
+Precedence, strongest first: explicit overrides (CLI flags) > ``DGPT_*`` environment
+variables > the TOML file (``$DGPT_CONFIG``, else ``$DGPT_HOME/config.toml``) > defaults.
+No other module reads ``DGPT_*`` variables.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dgpt.exceptions import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "DGPT_"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
+
+
+def _default_home() -> Path:
+    return Path.home() / ".dgpt"
+
+
+class Settings(BaseModel):
+    """Every dgpt setting. Field ``x`` is read from ``DGPT_X`` (upper case)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    home: Path = Field(default_factory=_default_home, description="State folder: SQLite, logs, pids.")
+
+    # Head addresses. Defaults are Ray's own ports, for real deployments.
+    ray_port: Port = Field(6379, description="GCS port of the Ray head.")
+    dashboard_port: Port = Field(8265, description="Ray dashboard and Jobs API port.")
+    http_port: Port = Field(8000, description="Serve HTTP port: control plane and inference apps.")
+    http_host: str = Field("0.0.0.0", min_length=1, description="Interface the Serve proxy binds.")
+    node_ip: str | None = Field(None, description="IP this machine advertises to Ray; autodetected if unset.")
+    head_url: str | None = Field(None, description="Base URL of the head's HTTP API, for clients and donors.")
+    api_key: str | None = Field(None, description="API key for /api/v1 calls (apps, CLI).")
+
+    # Donor lifecycle. Defaults suit real donors on real networks.
+    heartbeat_interval_s: PositiveSeconds = Field(5.0, description="How often a donor heartbeats.")
+    heartbeat_timeout_s: PositiveSeconds = Field(
+        30.0, description="Silence after which an active donor's session ends as lost."
+    )
+    drain_deadline_s: PositiveSeconds = Field(
+        30.0, description="How long a draining donor's work gets before its raylet stops."
+    )
+    monitor_interval_s: PositiveSeconds = Field(
+        2.0, description="How often the registry reconciles donors with Ray's node table."
+    )
+    idle_load_threshold: float = Field(
+        0.6, gt=0, le=64, description="Load (runnable non-Ray processes per core) that means the owner is back."
+    )
+    allowed_hours: str | None = Field(
+        None, description="Local hours a donor may work, e.g. '22-7'; unset means any hour."
+    )
+    head_cpus: float = Field(0.0, ge=0, le=1024, description="CPUs the head offers to user work.")
+
+    @field_validator("allowed_hours")
+    @classmethod
+    def _check_hours(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_hours(value)
+        return value
+
+    @field_validator("head_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @property
+    def api_url(self) -> str:
+        """The control plane base URL (``.../api/v1``)."""
+        return f"{self.local_head_url}/api/v1"
+
+    @property
+    def local_head_url(self) -> str:
+        """The head URL clients on this machine use."""
+        if self.head_url:
+            return self.head_url
+        host = self.node_ip or "127.0.0.1"
+        return f"http://{host}:{self.http_port}"
+
+
+def parse_hours(spec: str) -> tuple[int, int]:
+    """Parse an allowed-hours window ``'START-END'`` (24h clock, END exclusive; may wrap).
+
+    Raises:
+        ValueError: the text is not two hours 0-23 joined by '-', or START equals END.
+    """
+    parts = spec.split("-")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"must look like 'START-END' in whole hours (e.g. '22-7'), got {spec!r}")
+    start, end = (int(p) for p in parts)
+    if not (0 <= start <= 23 and 0 <= end <= 23) or start == end:
+        raise ValueError(f"hours must be 0-23 and differ, got {spec!r}")
+    return start, end
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, str]:
+    fields = Settings.model_fields
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name in fields:
+            out[name] = value
+    return out
+
+
+def _toml_values(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}", hint="fix or remove the file") from exc
+    unknown = sorted(set(data) - set(Settings.model_fields))
+    if unknown:
+        raise ConfigError(
+            f"config file {path} has unknown setting(s): {', '.join(unknown)}",
+            hint=f"valid settings: {', '.join(sorted(Settings.model_fields))}",
+        )
+    return data
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from overrides, ``DGPT_*`` variables, the TOML file and defaults.
+
+    Args:
+        overrides: values that win over everything (CLI flags); ``None`` values are ignored.
+        env: the environment to read; ``os.environ`` when omitted.
+
+    Raises:
+        ConfigError: a value is invalid; the message names the variable or key.
+    """
+    env = os.environ if env is None else env
+    env_vals = _env_values(env)
+    home = Path(env_vals.get("home") or _default_home()).expanduser()
+    if overrides and overrides.get("home"):
+        home = Path(overrides["home"]).expanduser()
+    config_path = Path(env["DGPT_CONFIG"]) if env.get("DGPT_CONFIG") else home / "config.toml"
+    if env.get("DGPT_CONFIG") and not config_path.is_file():
+        raise ConfigError(f"DGPT_CONFIG points at {config_path}, which is not a file", hint="fix DGPT_CONFIG or unset it")
+    values: dict[str, Any] = _toml_values(config_path) if config_path.is_file() else {}
+    sources = {k: f"{config_path}: {k}" for k in values}
+    values.update(env_vals)
+    sources.update({k: ENV_PREFIX + k.upper() for k in env_vals})
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+            sources[key] = "--" + key.replace("_", "-")
+    values["home"] = home
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = str(err["loc"][0]) if err["loc"] else "?"
+            where = sources.get(key, key)
+            problems.append(f"{where}={values.get(key)!r}: {err['msg']}")
+        raise ConfigError(
+            "invalid setting: " + "; ".join(problems),
+            hint="fix the value (see `dgpt config` for every setting and its default)",
+        ) from None

@@ -1,0 +1,1 @@
+"""Donor side: the agent (lifecycle), device profile, idle detectors and caps."""

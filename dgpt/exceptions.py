@@ -1,0 +1,89 @@
+"""The one exception tree of dgpt; every error a user can hit says what to do next.
+
+    DgptError                    base; ``hint`` is the next step for the user
+     +-- ConfigError             a setting, flag or config file value is invalid
+     +-- HeadUnreachable         the head's API did not answer
+     +-- ApiError                the API answered with an error status
+     |    +-- AuthError          401/403: missing or wrong token / API key
+     |    +-- NotFound           404: no such donor, job, token
+     |    +-- InvalidRequest     400/413/422: the request body or a field is invalid
+     |    +-- Conflict           409: the request clashes with current state
+     +-- FabricError             starting or stopping a head or local fabric failed
+     +-- DonorError              the donor agent cannot do what was asked
+     +-- RayAdapterError         a call into Ray's private API failed
+     +-- PlacementError          the placement policy cannot place the request
+     |    +-- InsufficientCapacity
+     +-- ServeError              deploying or querying a Serve application failed
+"""
+
+from __future__ import annotations
+
+
+class DgptError(Exception):
+    """Base of every dgpt error. ``hint`` tells the user what to do next."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\n  -> {self.hint}"
+        return self.message
+
+
+class ConfigError(DgptError):
+    """A setting (environment variable, TOML value or CLI flag) is invalid."""
+
+
+class HeadUnreachable(DgptError):
+    """The head's HTTP API could not be reached."""
+
+
+class ApiError(DgptError):
+    """The API answered with an error status."""
+
+    def __init__(self, message: str, status_code: int, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.status_code = status_code
+
+
+class AuthError(ApiError):
+    """401/403: the join token or API key is missing or wrong."""
+
+
+class NotFound(ApiError):
+    """404: the donor, job or token does not exist."""
+
+
+class InvalidRequest(ApiError):
+    """400/413/422: the request, or one named field of it, is invalid."""
+
+
+class Conflict(ApiError):
+    """409: the request clashes with the current state."""
+
+
+class FabricError(DgptError):
+    """Starting or stopping the head or a local fabric failed."""
+
+
+class DonorError(DgptError):
+    """The donor agent cannot do what was asked."""
+
+
+class RayAdapterError(DgptError):
+    """A call into Ray's private API (GCS client, DrainNode) failed."""
+
+
+class PlacementError(DgptError):
+    """The placement policy cannot place the request."""
+
+
+class InsufficientCapacity(PlacementError):
+    """No set of donors has room for the request right now."""
+
+
+class ServeError(DgptError):
+    """Deploying or querying a Ray Serve application failed."""

@@ -1,0 +1,1 @@
+"""Reliability: session history -> probability a donor stays for the next T seconds."""

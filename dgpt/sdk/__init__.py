@@ -1,0 +1,1 @@
+"""The Python SDK: dgpt.Client and the versioned request/response models."""

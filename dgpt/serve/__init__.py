@@ -1,0 +1,1 @@
+"""Serve: the donor-aware request router and helpers to deploy deployments/."""

@@ -1,0 +1,1 @@
+"""Donor storage tier, exposed as an fsspec filesystem."""

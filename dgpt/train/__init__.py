@@ -1,0 +1,1 @@
+"""Training on donors: elastic, checkpointing training (wraps Ray Train)."""
