@@ -1,7 +1,8 @@
 """All of dgpt's settings: one pydantic model, read from DGPT_* variables and a TOML file.
 
 Precedence, strongest first: explicit overrides (CLI flags) > ``DGPT_*`` environment
-variables > the TOML file (``$DGPT_CONFIG``, else ``$DGPT_HOME/config.toml``) > defaults.
+variables > the ports a head running from ``$DGPT_HOME`` recorded (``head/head.json``) >
+the TOML file (``$DGPT_CONFIG``, else ``$DGPT_HOME/config.toml``) > defaults.
 No other module reads ``DGPT_*`` variables.
 """
 
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -65,6 +67,7 @@ class Settings(BaseModel):
         None, description="Local hours a donor may work, e.g. '22-7'; unset means any hour."
     )
     head_cpus: float = Field(0.0, ge=0, le=1024, description="CPUs the head offers to user work.")
+    debug: bool = Field(False, description="Show tracebacks on errors.")
 
     @field_validator("allowed_hours")
     @classmethod
@@ -135,6 +138,19 @@ def _toml_values(path: Path) -> dict[str, Any]:
     return data
 
 
+def _running_head_values(home: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads((home / "head" / "head.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    recorded = data.get("settings") if isinstance(data, dict) else None
+    if not isinstance(recorded, dict):
+        return {}
+    return {k: v for k, v in recorded.items() if k in Settings.model_fields and v is not None}
+
+
 def load_settings(overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from overrides, ``DGPT_*`` variables, the TOML file and defaults.
 
@@ -155,6 +171,10 @@ def load_settings(overrides: Mapping[str, Any] | None = None, env: Mapping[str, 
         raise ConfigError(f"DGPT_CONFIG points at {config_path}, which is not a file", hint="fix DGPT_CONFIG or unset it")
     values: dict[str, Any] = _toml_values(config_path) if config_path.is_file() else {}
     sources = {k: f"{config_path}: {k}" for k in values}
+    # A head running from this DGPT_HOME recorded its ports: clients find it without flags.
+    running = _running_head_values(home)
+    values.update(running)
+    sources.update({k: f"{home}/head/head.json: {k}" for k in running})
     values.update(env_vals)
     sources.update({k: ENV_PREFIX + k.upper() for k in env_vals})
     for key, value in (overrides or {}).items():

@@ -27,6 +27,10 @@ class DgptError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Errors cross process boundaries (Ray actors); keep every field.
+        return (type(self), (self.message, self.hint))
+
     def __str__(self) -> str:
         if self.hint:
             return f"{self.message}\n  -> {self.hint}"
@@ -47,6 +51,9 @@ class ApiError(DgptError):
     def __init__(self, message: str, status_code: int, hint: str | None = None) -> None:
         super().__init__(message, hint)
         self.status_code = status_code
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.message, self.status_code, self.hint))
 
 
 class AuthError(ApiError):

@@ -1,0 +1,358 @@
+"""Autoscaler policies: pure functions ``(context, state) -> (decisions, state)``, one call a tick.
+
+Like Ray Serve's ``autoscaling_policy.py``, the state a policy needs between ticks is passed
+in and handed back (:class:`PolicyState`), never kept on an object, so the loop can persist
+it, and a test or the simulator can replay any tick.
+
+:func:`default_policy`, in order:
+
+1. fit pending demand (tasks, and placement groups by strategy) onto free capacity of
+   active donors and of donors already activating;
+2. activate the best-fitting standby donors for what is left (resources, GPU, labels),
+   ranked by P(stay the reliability horizon) and speed, packing several shapes per donor;
+3. keep a churn hedge: spare CPU >= the CPU in use expected to vanish during one
+   activation lead time (mean + ``hedge_z`` standard deviations over active donors);
+4. keep ``min_active`` donors; never exceed ``max_active``;
+5. drain donors idle past ``idle_timeout_s``, least useful first, only while spare capacity
+   stays above the hedge by ``drain_margin`` (hysteresis), never one activated less than
+   ``min_lifetime_s`` ago, and never during a cooldown after any scale-up or drain.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from autoscaler.context import (
+    SPREAD_STRATEGIES,
+    ActiveNode,
+    AutoscalerContext,
+    ResourceShape,
+    StandbyDonor,
+)
+from autoscaler.decisions import ActivateDonor, AutoscalerDecision, DrainDonor
+from dgpt.placement.labels import selector_matches
+from dgpt.placement.snapshot import REFERENCE_GFLOPS
+from dgpt.reliability.model import log_stay_probability
+
+_EPS = 1e-9
+#: Weight of log(speed) against log P(stay) when ranking donors: a donor twice as fast is
+#: worth as much as one ~30% less likely to leave (exp(-0.5 * ln 2) ~ 0.7).
+_SPEED_WEIGHT = 0.5
+#: Cost of spending a GPU donor on CPU-only demand (in the same log units): only when no
+#: CPU donor fits, since GPU donors are rarer (BOINC: ~0.8 GPU per CPU host, most weak).
+_GPU_WASTE = 2.0
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """What :func:`default_policy` remembers between ticks.
+
+    ``activated_at`` maps donors activated recently to when, for ``min_lifetime_s``.
+    """
+
+    last_scale_up_s: float = -math.inf
+    last_scale_down_s: float = -math.inf
+    activated_at: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Bin:
+    """Scratch capacity of one donor while demand is fitted (local to one policy call)."""
+
+    donor_id: str
+    cpus: float
+    gpus: float
+    memory_bytes: float
+    labels: Mapping[str, str]
+    touched: bool = False
+
+    def count_fits(self, shape: ResourceShape, limit: int) -> int:
+        if shape.label_selector and not selector_matches(shape.label_selector, self.labels):
+            return 0
+        n = limit
+        for need, have in (
+            (shape.cpus, self.cpus),
+            (shape.gpus, self.gpus),
+            (shape.memory_bytes, self.memory_bytes),
+        ):
+            if need > 0:
+                n = min(n, int((have + _EPS) // need))
+        return max(n, 0)
+
+    def take(self, shape: ResourceShape, n: int) -> None:
+        self.cpus -= shape.cpus * n
+        self.gpus -= shape.gpus * n
+        self.memory_bytes -= shape.memory_bytes * n
+        self.touched = self.touched or n > 0
+
+
+@dataclass
+class _Need:
+    """Unmet demand of one shape: ``count`` copies; ``distinct`` ones must not share a donor."""
+
+    shape: ResourceShape
+    count: int
+    distinct: bool = False
+    used: set[str] = field(default_factory=set)
+
+
+def _shape_key(shape: ResourceShape) -> tuple[float, float, float, tuple[tuple[str, str], ...]]:
+    return (shape.cpus, shape.gpus, shape.memory_bytes, tuple(sorted(shape.label_selector.items())))
+
+
+def _is_empty(shape: ResourceShape) -> bool:
+    return shape.cpus <= 0 and shape.gpus <= 0 and shape.memory_bytes <= 0
+
+
+def _demand(ctx: AutoscalerContext) -> list[_Need]:
+    """Pending demand as needs, biggest first (GPU, then CPU, then memory: first-fit decreasing)."""
+    plain: dict[tuple[float, float, float, tuple[tuple[str, str], ...]], _Need] = {}
+
+    def add(shape: ResourceShape, n: int = 1) -> None:
+        if _is_empty(shape):
+            return
+        key = _shape_key(shape)
+        if key in plain:
+            plain[key].count += n
+        else:
+            plain[key] = _Need(shape, n)
+
+    gangs: list[_Need] = []
+    for shape in ctx.pending:
+        add(shape)
+    for gang in ctx.pending_gangs:
+        bundles = [b for b in gang.bundles if not _is_empty(b)]
+        if not bundles:
+            continue
+        if gang.strategy == "STRICT_PACK":
+            total = bundles[0]
+            for b in bundles[1:]:
+                total = total.plus(b)
+            add(total)
+        elif gang.strategy in SPREAD_STRATEGIES:
+            # One need per bundle, sharing a `used` set so members land on distinct donors.
+            used: set[str] = set()
+            gangs.extend(_Need(b, 1, distinct=True, used=used) for b in bundles)
+        else:
+            for b in bundles:
+                add(b)
+    needs = list(plain.values()) + gangs
+    needs.sort(key=lambda n: (n.shape.gpus, n.shape.cpus, n.shape.memory_bytes), reverse=True)
+    return needs
+
+
+def _fit_onto(needs: Sequence[_Need], bins: Sequence[_Bin]) -> None:
+    """First fit of every need onto ``bins``, in place (counts go down, bins fill up)."""
+    for need in needs:
+        for b in bins:
+            if need.count <= 0:
+                break
+            if need.distinct and b.donor_id in need.used:
+                continue
+            n = b.count_fits(need.shape, 1 if need.distinct else need.count)
+            if n:
+                b.take(need.shape, n)
+                need.count -= n
+                if need.distinct:
+                    need.used.add(b.donor_id)
+
+
+class _Standby:
+    """Standby donors as numpy columns, for picking the best fit among many quickly."""
+
+    def __init__(self, donors: Sequence[StandbyDonor], now_s: float, horizon_s: float) -> None:
+        self.donors = donors
+        self.cpus = np.array([d.profile.cpus for d in donors], dtype=np.float64)
+        self.gpus = np.array([d.profile.gpus for d in donors], dtype=np.float64)
+        self.mem = np.array([d.profile.memory_bytes for d in donors], dtype=np.float64)
+        shape = np.array([d.params.shape for d in donors], dtype=np.float64)
+        scale = np.array([d.params.scale_s for d in donors], dtype=np.float64)
+        up = np.array([now_s - d.session_start_s for d in donors], dtype=np.float64)
+        gflops = np.array([max(d.profile.gflops, 1e-3) for d in donors], dtype=np.float64)
+        self.value = log_stay_probability(shape, scale, up, horizon_s) + _SPEED_WEIGHT * np.log(
+            gflops / REFERENCE_GFLOPS
+        )
+        self.free = np.ones(len(donors), dtype=bool)
+
+    def best_for(self, shape: ResourceShape | None) -> int | None:
+        """Index of the most valuable free donor that fits ``shape`` (any donor when None)."""
+        mask = self.free.copy()
+        score = self.value.copy()
+        if shape is not None:
+            mask &= (self.cpus + _EPS >= shape.cpus) & (self.mem + _EPS >= shape.memory_bytes)
+            if shape.gpus > 0:
+                mask &= self.gpus + _EPS >= shape.gpus
+            else:
+                score -= _GPU_WASTE * (self.gpus > 0)
+            if shape.label_selector:
+                for pos in np.flatnonzero(mask):
+                    labels = self.donors[int(pos)].profile.labels
+                    if not selector_matches(shape.label_selector, labels):
+                        mask[pos] = False
+        else:
+            score -= _GPU_WASTE * (self.gpus > 0)
+        if not mask.any():
+            return None
+        best = int(np.argmax(np.where(mask, score, -np.inf)))
+        self.free[best] = False
+        return best
+
+
+def _hedge_cpus(
+    active: Iterable[ActiveNode], now_s: float, lead_s: float, z: float
+) -> tuple[float, float]:
+    """(hedge, expected loss): CPU in use expected to vanish within one activation lead time."""
+    mean = var = 0.0
+    for node in active:
+        used = node.used_cpus
+        if used <= 0:
+            continue
+        p = node.p_stay(now_s, lead_s)
+        mean += (1.0 - p) * used
+        var += p * (1.0 - p) * used * used
+    return mean + z * math.sqrt(var), mean
+
+
+def default_policy(
+    ctx: AutoscalerContext, state: PolicyState | None = None
+) -> tuple[tuple[AutoscalerDecision, ...], PolicyState]:
+    """Decide which standby donors to activate and which active donors to drain this tick.
+
+    Args:
+        ctx: the frozen view of demand, active, activating and standby donors.
+        state: what the previous tick handed back (None on the first tick).
+
+    Returns:
+        The decisions (activations first) and the state for the next tick.
+    """
+    state = state or PolicyState()
+    b = ctx.bounds
+    now = ctx.now_s
+    live = [n for n in ctx.active if not n.draining]
+    bins = [
+        _Bin(
+            n.donor_id,
+            n.available.cpus,
+            n.available.gpus,
+            n.available.memory_bytes,
+            n.profile.labels,
+        )
+        for n in live
+    ] + [
+        _Bin(d.donor_id, d.profile.cpus, d.profile.gpus, d.profile.memory_bytes, d.profile.labels)
+        for d in ctx.activating
+    ]
+    needs = _demand(ctx)
+    _fit_onto(needs, bins)
+
+    decisions: list[AutoscalerDecision] = []
+    size = len(live) + len(ctx.activating)
+    room = min(b.max_active - size, b.max_activations_per_tick)
+    cooling = now - state.last_scale_up_s < b.scale_up_cooldown_s
+    standby = _Standby(ctx.standby, now, b.reliability_horizon_s) if ctx.standby else None
+    new_bins: list[_Bin] = []
+
+    def activate(i: int, reason: str) -> _Bin:
+        assert standby is not None
+        d = standby.donors[i]
+        decisions.append(ActivateDonor(d.donor_id, reason))
+        nb = _Bin(
+            d.donor_id, d.profile.cpus, d.profile.gpus, d.profile.memory_bytes, d.profile.labels
+        )
+        new_bins.append(nb)
+        return nb
+
+    # 2. Unmet demand -> the best-fitting standby donors.
+    unmet = [n for n in needs if n.count > 0]
+    for need in unmet:
+        _fit_onto([need], new_bins)
+        while need.count > 0 and standby is not None and not cooling and len(new_bins) < room:
+            i = standby.best_for(need.shape)
+            if i is None:
+                break
+            nb = activate(i, f"pending demand: {need.count} x {need.shape.describe()}")
+            _fit_onto([need], [nb])
+    unmet_left = sum(n.count for n in needs)
+
+    # 3. Churn hedge: spare CPU to absorb the work of donors likely to leave before a
+    #    replacement could be activated.
+    hedge, expected_loss = _hedge_cpus(live, now, b.activation_lead_time_s, b.hedge_z)
+    if hedge < b.hedge_min_cpus:
+        hedge = 0.0
+    spare = sum(max(x.cpus, 0.0) for x in bins) + sum(max(x.cpus, 0.0) for x in new_bins)
+    while spare + _EPS < hedge and standby is not None and not cooling and len(new_bins) < room:
+        i = standby.best_for(None)
+        if i is None:
+            break
+        nb = activate(
+            i,
+            f"churn hedge: {expected_loss:.1f} CPU expected lost in {b.activation_lead_time_s:g} s, "
+            f"spare {spare:.1f} < hedge {hedge:.1f}",
+        )
+        spare += nb.cpus
+
+    # 4. Keep min_active.
+    while size + len(new_bins) < b.min_active and standby is not None and len(new_bins) < room:
+        i = standby.best_for(None)
+        if i is None:
+            break
+        activate(i, f"min_active={b.min_active}")
+
+    activated = [d.donor_id for d in decisions if isinstance(d, ActivateDonor)]
+    activated_at = {k: v for k, v in state.activated_at.items() if now - v < b.min_lifetime_s}
+    activated_at.update({d: now for d in activated})
+    last_up = now if activated else state.last_scale_up_s
+
+    # 5. Scale down: over max_active first, then idle donors, least useful first.
+    drains: list[DrainDonor] = []
+    free_bins = {x.donor_id: x for x in bins}
+
+    def usefulness(n: ActiveNode) -> float:
+        return math.log(
+            max(n.p_stay(now, b.reliability_horizon_s), 1e-300)
+        ) + _SPEED_WEIGHT * math.log(max(n.profile.gflops, 1e-3) / REFERENCE_GFLOPS)
+
+    excess = size - b.max_active
+    if excess > 0:
+        # Idle donors go first, then the least useful; activating ones are left to join.
+        for n in sorted(live, key=lambda n: (n.idle_s < b.idle_timeout_s, usefulness(n)))[:excess]:
+            drains.append(DrainDonor(n.donor_id, f"over max_active={b.max_active}"))
+    elif (
+        not activated
+        and unmet_left == 0
+        and now - last_up >= b.scale_down_cooldown_s
+        and now - state.last_scale_down_s >= b.scale_down_cooldown_s
+    ):
+        floor = hedge * (1.0 + b.drain_margin)
+        count = size
+        idle = [
+            n
+            for n in live
+            if n.idle_s >= b.idle_timeout_s
+            and now - activated_at.get(n.donor_id, -math.inf) >= b.min_lifetime_s
+            and not free_bins[n.donor_id].touched
+        ]
+        for n in sorted(idle, key=usefulness):
+            if count <= b.min_active or len(drains) >= b.max_drains_per_tick:
+                break
+            free_cpus = max(free_bins[n.donor_id].cpus, 0.0)
+            if spare - free_cpus + _EPS < floor:
+                continue
+            drains.append(
+                DrainDonor(
+                    n.donor_id, f"idle {n.idle_s:.0f} s >= idle_timeout_s={b.idle_timeout_s:g}"
+                )
+            )
+            spare -= free_cpus
+            count -= 1
+
+    new_state = PolicyState(
+        last_scale_up_s=last_up,
+        last_scale_down_s=now if drains else state.last_scale_down_s,
+        activated_at=activated_at,
+    )
+    return tuple(decisions) + tuple(drains), new_state

@@ -1,0 +1,346 @@
+"""The donor agent: registers, heartbeats, and starts/drains/stops this device's raylet.
+
+Lifecycle (DESIGN.md): registered -> standby -> activating -> active -> draining -> standby.
+The head answers each heartbeat with an action; the agent also drains by itself when its
+idle detectors say the owner is back, on `dgpt donor leave`/`pause`, and on SIGTERM/Ctrl-C.
+Draining goes through the head (which calls Ray's DrainNode with a deadline); once the raylet
+has exited (it does so when drained and idle) or the deadline passed, the agent stops it.
+
+State kept in ``state_dir``: ``donor.json`` (donor id and secret: the id survives restarts),
+``agent.pid``, ``paused`` (the user switch), ``ray_auth_token`` and the raylet's log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dgpt.donor.idle import Detector, HoursDetector, LoadDetector, SwitchDetector
+from dgpt.exceptions import ApiError, AuthError, Conflict, DonorError, HeadUnreachable, NotFound
+from dgpt.processes import free_port, read_json, stop_tree, tree, write_json, write_secret
+from dgpt.sdk.client import DonorClient
+from dgpt.sdk.models import DeviceProfile, DonorCaps, Heartbeat, HeartbeatResponse, LeaveRequest, RayJoin, RegisterRequest
+
+log = logging.getLogger("dgpt.donor")
+
+# How often the agent looks at its detectors and its raylet between heartbeats: owners
+# expect their machine back within a second of touching it.
+POLL_S = 0.25
+
+
+@dataclass
+class AgentConfig:
+    head_url: str
+    join_token: str
+    name: str
+    device_class: str
+    owner: str
+    state_dir: Path
+    caps: DonorCaps
+    profile: DeviceProfile
+    labels: dict[str, str] = field(default_factory=dict)
+    node_ip: str | None = None
+    load_threshold: float | None = None
+    allowed_hours: str | None = None
+    drain_deadline_s: float = 30.0
+
+
+def state_files(state_dir: Path) -> dict[str, Path]:
+    return {
+        "identity": state_dir / "donor.json",
+        "pid": state_dir / "agent.pid",
+        "paused": state_dir / "paused",
+        "status": state_dir / "status.json",
+        "ray_token": state_dir / "ray_auth_token",
+        "ray_log": state_dir / "raylet.log",
+    }
+
+
+class DonorAgent:
+    """One donor device's agent. ``run()`` blocks until stopped."""
+
+    def __init__(self, cfg: AgentConfig, client: DonorClient | None = None) -> None:
+        self.cfg = cfg
+        self.files = state_files(cfg.state_dir)
+        self.client = client or DonorClient(cfg.head_url)
+        self.detectors: list[Detector] = [SwitchDetector(self.files["paused"])]
+        if cfg.allowed_hours:
+            self.detectors.append(HoursDetector(cfg.allowed_hours))
+        if cfg.load_threshold is not None:
+            self.detectors.append(LoadDetector(cfg.load_threshold))
+        self.donor_id: str | None = None
+        self.secret: str | None = None
+        self.heartbeat_interval_s = 5.0
+        self.state = "standby"  # standby | starting | active | draining
+        self._ray: subprocess.Popen[bytes] | None = None
+        self._ray_started = threading.Event()
+        self._stop = threading.Event()
+        self._stop_reason = "sigterm"
+        self._owner_reason: str | None = None
+        self._head_ok = True
+
+    # ------------------------------------------------------------ identity
+
+    def _load_identity(self) -> None:
+        data = read_json(self.files["identity"]) or {}
+        self.donor_id, self.secret = data.get("donor_id"), data.get("donor_secret")
+
+    def register(self) -> None:
+        """Register (or re-register keeping the stored donor id); retries while the head is away."""
+        self._load_identity()
+        req = RegisterRequest(
+            name=self.cfg.name, device_class=self.cfg.device_class, owner=self.cfg.owner,
+            profile=self.cfg.profile, caps=self.cfg.caps, labels=self.cfg.labels,
+            donor_id=self.donor_id, donor_secret=self.secret,
+        )
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                resp = self.client.register(req, self.cfg.join_token)
+                break
+            except HeadUnreachable as exc:
+                log.warning("head unreachable, retrying in %.0fs: %s", backoff, exc.message)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+        else:
+            return
+        self.donor_id, self.secret = resp.donor_id, resp.donor_secret
+        self.heartbeat_interval_s = resp.heartbeat_interval_s
+        write_json(self.files["identity"], {"donor_id": self.donor_id, "donor_secret": self.secret,
+                                            "name": self.cfg.name, "head_url": self.cfg.head_url})
+        os.chmod(self.files["identity"], 0o600)
+        log.info("%s as donor %s", "rejoined" if resp.reused else "registered", self.donor_id)
+
+    # ------------------------------------------------------------ raylet
+
+    def _raylet_pid(self) -> int | None:
+        if self._ray is None:
+            return None
+        for proc in tree(self._ray.pid)[1:]:
+            try:
+                if proc.name() == "raylet":
+                    return proc.pid
+            except Exception:
+                continue
+        return None
+
+    def ray_running(self) -> bool:
+        return self._ray is not None and self._ray.poll() is None
+
+    def start_ray(self, join: RayJoin) -> None:
+        write_secret(self.files["ray_token"], join.auth_token)
+        labels = ",".join(f"{k}={v}" for k, v in sorted(join.labels.items()))
+        ray_bin = str(Path(sys.executable).with_name("ray"))
+        argv = [
+            ray_bin, "start", "--block",
+            f"--address={join.gcs_address}",
+            f"--num-cpus={join.num_cpus:g}",
+            f"--num-gpus={join.num_gpus}",
+            f"--memory={join.memory_bytes}",
+            f"--resources={json.dumps(join.resources)}",
+            f"--labels={labels}",
+            # Free ports: several donors may share a host (the local fabric), and a donor
+            # machine's own services may hold Ray's defaults.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            "--disable-usage-stats",
+        ]
+        if self.cfg.node_ip:
+            argv.append(f"--node-ip-address={self.cfg.node_ip}")
+        env = dict(os.environ)
+        env.update({
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.files["ray_token"]),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # If the agent dies, `ray start` drains its node itself on the SIGTERM it gets.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": f"{self.cfg.drain_deadline_s:g}",
+        })
+        env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_AUTH_TOKEN", None)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        self._ray_started.clear()
+        self._ray = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            preexec_fn=_die_with_parent, start_new_session=True,
+        )
+        threading.Thread(target=self._pump_ray_output, args=(self._ray,), daemon=True).start()
+        self.state = "starting"
+        log.info("starting raylet: %d CPU, %d GPU, %.1f GiB, labels %s", join.num_cpus, join.num_gpus,
+                 join.memory_bytes / 2**30, labels)
+
+    def _pump_ray_output(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        with open(self.files["ray_log"], "ab") as out:
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+                if b"Ray runtime started" in line:
+                    self._ray_started.set()
+
+    def stop_ray(self, grace_s: float = 30.0) -> None:
+        if self._ray is not None:
+            if self._ray.poll() is None:
+                stop_tree(self._ray.pid, grace_s=grace_s)
+            self._ray = None
+        self.state = "standby"
+
+    def drain(self, reason: str) -> None:
+        """Leave the cluster gracefully: DrainNode through the head, wait, stop the raylet."""
+        if not self.ray_running():
+            self.stop_ray()
+            return
+        self.state = "draining"
+        deadline_s = self.cfg.drain_deadline_s
+        log.info("draining (%s), deadline %.0fs", reason, deadline_s)
+        try:
+            assert self.donor_id and self.secret
+            resp = self.client.leave(self.donor_id, self.secret, LeaveRequest(reason=reason, deadline_s=deadline_s))  # type: ignore[arg-type]
+            deadline_s = resp.deadline_s
+            log.info("head: %s", resp.message)
+        except (HeadUnreachable, ApiError) as exc:
+            # `ray start` drains its own node (DrainNode) when it gets SIGTERM below.
+            log.warning("could not ask the head to drain (%s); Ray drains the node on stop", exc)
+        deadline = time.monotonic() + deadline_s
+        # A drained, idle raylet exits by itself; otherwise stop it at the deadline.
+        while time.monotonic() < deadline and self._raylet_pid() is not None and self.ray_running():
+            time.sleep(POLL_S)
+        self.stop_ray(grace_s=min(30.0, deadline_s + 5))
+        self._heartbeat_now()
+
+    # ------------------------------------------------------------ heartbeat
+
+    def _heartbeat_now(self) -> HeartbeatResponse | None:
+        if not self.donor_id or not self.secret:
+            return None
+        hb = Heartbeat(state=self.state, owner_active=self._owner_reason is not None,  # type: ignore[arg-type]
+                       owner_reason=self._owner_reason)
+        try:
+            resp = self.client.heartbeat(self.donor_id, self.secret, hb)
+        except HeadUnreachable as exc:
+            if self._head_ok:
+                log.warning("head unreachable; keeping the current state and retrying: %s", exc.message)
+            self._head_ok = False
+            return None
+        except NotFound:
+            # The head lost this donor (new database): register again under the same id.
+            log.warning("head does not know donor %s; registering again", self.donor_id)
+            self.register()
+            return None
+        except (AuthError, Conflict) as exc:
+            raise DonorError(f"the head refused this donor: {exc.message}",
+                             hint=f"remove {self.files['identity']} and join again with a valid token") from None
+        if not self._head_ok:
+            log.info("head reachable again")
+        self._head_ok = True
+        self.heartbeat_interval_s = resp.heartbeat_interval_s
+        self._write_status()
+        return resp
+
+    def _act(self, resp: HeartbeatResponse) -> None:
+        if resp.action == "activate" and resp.ray and not self.ray_running() and self._owner_reason is None:
+            self.start_ray(resp.ray)
+        elif resp.action == "drain" and self.ray_running():
+            self.drain("autoscaler")
+        elif resp.action == "stop":
+            self._stop_reason = "shutdown"
+            self._stop.set()
+
+    def _write_status(self) -> None:
+        write_json(self.files["status"], {"donor_id": self.donor_id, "state": self.state, "pid": os.getpid(),
+                                          "owner_active": self._owner_reason, "at": time.time()})
+
+    # ------------------------------------------------------------ main loop
+
+    def request_stop(self, reason: str = "sigterm") -> None:
+        self._stop_reason = reason
+        self._stop.set()
+
+    def run(self) -> int:
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.files["pid"], {"pid": os.getpid()})
+        try:
+            self.register()
+            next_beat = 0.0
+            while not self._stop.is_set():
+                self._owner_reason = next((r for d in self.detectors if (r := d.owner_active())), None)
+                if self._owner_reason and self.ray_running() and self.state != "draining":
+                    kind = "paused" if "paused" in self._owner_reason else (
+                        "outside-hours" if "hours" in self._owner_reason else "owner-active")
+                    log.info("owner is back: %s", self._owner_reason)
+                    self.drain(kind)
+                    next_beat = 0.0
+                if self._ray is not None and self._ray.poll() is not None:
+                    log.warning("raylet exited by itself (code %s)", self._ray.returncode)
+                    self._ray = None
+                    self.state = "standby"
+                    next_beat = 0.0
+                if self.state == "starting" and self._ray_started.is_set():
+                    self.state = "active"
+                    next_beat = 0.0
+                if time.monotonic() >= next_beat:
+                    resp = self._heartbeat_now()
+                    if resp is not None:
+                        self._act(resp)
+                    # Jitter so a fleet of donors does not heartbeat in lockstep.
+                    next_beat = time.monotonic() + self.heartbeat_interval_s * random.uniform(0.9, 1.1)
+                self._stop.wait(POLL_S)
+            self.drain(self._stop_reason)
+            return 0
+        finally:
+            if self._ray is not None:
+                self.stop_ray(grace_s=10)
+            self.files["pid"].unlink(missing_ok=True)
+            self.files["status"].unlink(missing_ok=True)
+
+
+def _die_with_parent() -> None:
+    # If the agent is killed, its raylet must not linger as an unmanaged node: SIGTERM makes
+    # `ray start --block` drain and stop its processes.
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+def install_signal_handlers(agent: DonorAgent) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        agent.request_stop("sigterm" if signum == signal.SIGTERM else "leave")
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def find_state_dir(home: Path, donor_id: str | None) -> Path:
+    """The state folder of this machine's donor, or of the local-fabric donor with that id.
+
+    Raises:
+        DonorError: no such donor on this machine.
+    """
+    candidates = [home / "donor", *sorted((home / "donors").glob("*"))]
+    known = []
+    for path in candidates:
+        ident = read_json(path / "donor.json")
+        if ident:
+            known.append(ident.get("donor_id"))
+            if donor_id is None or ident.get("donor_id") == donor_id or ident.get("name") == donor_id:
+                if donor_id is None and path != home / "donor":
+                    continue
+                return path
+    if donor_id is None:
+        raise DonorError(f"no donor has joined from this machine (DGPT_HOME={home})",
+                         hint="join with `dgpt donor join --head URL --token T`, or pass --donor-id")
+    raise DonorError(f"no donor {donor_id!r} runs from DGPT_HOME={home}",
+                     hint=f"known here: {', '.join(filter(None, known)) or 'none'}")

@@ -1,0 +1,165 @@
+"""The embedded default: a head and N simulated donors on this machine (`dgpt up` / `dgpt down`).
+
+Each simulated donor is a real donor agent process with its own caps, device class, owner
+and state folder, and its own raylet. ``$DGPT_HOME/fabric.json`` records every pid, so
+`dgpt down` stops exactly what `dgpt up` started.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dgpt.config import Settings
+from dgpt.exceptions import FabricError
+from dgpt.head.process import head_running, start_head, stop_head
+from dgpt.head.registry import head_paths
+from dgpt.processes import alive, read_json, spawn_detached, stop_tree, write_json, write_secret
+from dgpt.sdk.client import Client
+
+
+@dataclass(frozen=True)
+class DonorSpec:
+    """One simulated donor: its caps and identity on the local fabric."""
+
+    name: str
+    device_class: str
+    owner: str
+    cpus: float
+    memory_gb: float
+
+
+# Three classes of very different size, so placement and status show heterogeneity.
+_CLASSES = (("laptop", 1.0, 1.5), ("desktop", 2.0, 2.0), ("server", 2.0, 3.0))
+
+
+def donor_specs(n: int) -> list[DonorSpec]:
+    """N simulated donors, cycling through device classes, each its own owner."""
+    if not 0 <= n <= 16:
+        raise FabricError(f"--donors {n} must be between 0 and 16 on one machine")
+    specs = []
+    for i in range(n):
+        cls, cpus, mem = _CLASSES[i % len(_CLASSES)]
+        specs.append(DonorSpec(name=f"donor-{i + 1}", device_class=cls, owner=f"owner-{i + 1}", cpus=cpus, memory_gb=mem))
+    return specs
+
+
+def fabric_file(settings: Settings) -> Path:
+    return settings.home / "fabric.json"
+
+
+def api_client(settings: Settings) -> Client:
+    """A client for this DGPT_HOME's head, with the head's API key unless DGPT_API_KEY is set."""
+    key = settings.api_key
+    key_file = head_paths(settings.home)["api_key"]
+    if key is None and key_file.is_file():
+        key = key_file.read_text().strip()
+    return Client(settings.local_head_url, key)
+
+
+def donor_argv(settings: Settings, spec: DonorSpec, token_file: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "dgpt.cli.main", "donor", "join",
+        "--head", settings.local_head_url,
+        "--token-file", str(token_file),
+        "--name", spec.name,
+        "--device-class", spec.device_class,
+        "--owner", spec.owner,
+        "--cpus", f"{spec.cpus:g}",
+        "--memory-gb", f"{spec.memory_gb:g}",
+        "--state-dir", str(settings.home / "donors" / spec.name),
+        # Simulated donors share one machine: each other's load is not an owner coming back.
+        "--load-threshold", "off",
+    ]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment that hands this fabric's settings to its child processes."""
+    env = dict(os.environ)
+    for key, value in settings.model_dump().items():
+        if value is not None and key != "api_key":
+            env[f"DGPT_{key.upper()}"] = str(value)
+    return env
+
+
+def start_donor(settings: Settings, spec: DonorSpec) -> int:
+    token_file = head_paths(settings.home)["dir"] / "join_token"
+    log = settings.home / "logs" / f"{spec.name}.log"
+    return spawn_detached(donor_argv(settings, spec, token_file), log, settings_env(settings))
+
+
+def up(settings: Settings, n_donors: int, progress: Callable[[str, float], None] | None = None,
+       timeout_s: float = 300.0) -> dict[str, Any]:
+    """Start a head and ``n_donors`` simulated donors; return once all donors are active.
+
+    Raises:
+        FabricError: a fabric already runs for this DGPT_HOME, or it did not come up in time.
+    """
+    say = progress or (lambda msg, frac: None)
+    specs = donor_specs(n_donors)
+    existing = read_json(fabric_file(settings))
+    if existing and (alive(existing.get("head_pid")) or any(alive(d.get("pid")) for d in existing.get("donors", []))):
+        raise FabricError(f"a fabric already runs for DGPT_HOME={settings.home}", hint="stop it with `dgpt down`")
+    if head_running(settings):
+        raise FabricError(f"a head already runs for DGPT_HOME={settings.home}", hint="stop it with `dgpt down`")
+    say("starting the head (Ray head, Serve, control plane)", 0.05)
+    head = start_head(settings, on_wait=lambda s: say(f"starting the head ({s:.0f}s)", 0.05 + min(s / 60, 1) * 0.35))
+    record: dict[str, Any] = {"head_pid": head["pid"], "donors": [], "started_at": time.time(), "home": str(settings.home)}
+    write_json(fabric_file(settings), record)
+    client = api_client(settings)
+    try:
+        token = client.create_token("join", "local fabric donors")
+        assert token.token
+        write_secret(head_paths(settings.home)["dir"] / "join_token", token.token)
+        for i, spec in enumerate(specs):
+            say(f"starting donor agent {spec.name} ({spec.device_class})", 0.4 + 0.1 * i / max(1, len(specs)))
+            record["donors"].append({"name": spec.name, "pid": start_donor(settings, spec),
+                                     "state_dir": str(settings.home / "donors" / spec.name)})
+            write_json(fabric_file(settings), record)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            donors = client.donors()
+            active = [d for d in donors if d.state == "active" and d.node_id]
+            say(f"donors active: {len(active)}/{len(specs)}", 0.5 + 0.5 * len(active) / max(1, len(specs)))
+            if len(active) >= len(specs):
+                break
+            dead = [d["name"] for d in record["donors"] if not alive(d["pid"])]
+            if dead:
+                raise FabricError(f"donor agent(s) {', '.join(dead)} exited while joining",
+                                  hint=f"see {settings.home / 'logs'}/<donor>.log")
+            if time.monotonic() > deadline:
+                raise FabricError(f"only {len(active)} of {len(specs)} donors became active in {timeout_s:.0f}s",
+                                  hint=f"see the logs in {settings.home / 'logs'}")
+            time.sleep(0.5)
+    except BaseException:
+        down(settings)
+        raise
+    finally:
+        client.close()
+    say("fabric ready", 1.0)
+    return {"head": head, "donors": record["donors"]}
+
+
+def down(settings: Settings, progress: Callable[[str, float], None] | None = None) -> dict[str, int]:
+    """Stop every process this DGPT_HOME's fabric started, by pid: donors first, then the head."""
+    say = progress or (lambda msg, frac: None)
+    record = read_json(fabric_file(settings)) or {"donors": []}
+    donors = [d for d in record.get("donors", []) if alive(d.get("pid"))]
+    killed = 0
+    say(f"draining {len(donors)} donor(s)", 0.1)
+    import concurrent.futures as cf
+
+    # Donors drain in parallel: each asks the head for DrainNode, then stops its raylet.
+    with cf.ThreadPoolExecutor(max_workers=max(1, len(donors))) as pool:
+        for pids in pool.map(lambda d: stop_tree(int(d["pid"]), grace_s=settings.drain_deadline_s + 30), donors):
+            killed += len(pids)
+    say("stopping the head", 0.6)
+    head_stopped = stop_head(settings)
+    fabric_file(settings).unlink(missing_ok=True)
+    say("fabric stopped", 1.0)
+    return {"donors": len(donors), "head": int(head_stopped), "killed": killed}

@@ -1,0 +1,275 @@
+"""Starting and stopping the head: the Ray head node, Serve, the registry and the control plane.
+
+`dgpt head start` spawns a supervisor (``python -m dgpt.head.process``) in its own session.
+The supervisor runs ``ray start --head --block`` as its child (Ray's processes die with that
+child), bootstraps the registry actor and the control plane Serve app, writes ``head.json``
+and then waits. SIGTERM to the supervisor stops the whole head; `dgpt head stop` does that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dgpt.config import Settings, load_settings
+from dgpt.exceptions import FabricError
+from dgpt.head.registry import HEAD_RESOURCE, NAMESPACE, REGISTRY_NAME, head_paths
+from dgpt.processes import (
+    alive,
+    free_port,
+    port_in_use,
+    read_json,
+    spawn_detached,
+    stop_tree,
+    wait_until,
+    write_json,
+    write_secret,
+)
+
+CONTROL_PLANE_APP = "dgpt"
+# Settings a running head records in head.json so later commands find it with DGPT_HOME alone.
+RUNTIME_KEYS = ("ray_port", "dashboard_port", "http_port", "node_ip")
+CONTROL_PLANE_PREFIX = "/api"
+
+
+def ray_temp_dir(home: Path) -> Path:
+    # Unix socket paths are limited to 107 bytes, so Ray's temp dir must be short even when
+    # DGPT_HOME is deep (pytest tmp dirs): one short folder per DGPT_HOME.
+    digest = hashlib.sha1(str(home.resolve()).encode()).hexdigest()[:10]
+    return Path("/tmp") / f"dgpt-{digest}"
+
+
+def ray_env(token_path: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment that reaches this fabric's Ray with token auth on."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+    )
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_ADDRESS", None)
+    # Job entrypoints say `python ...`: it must be the Python that has Ray and dgpt.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def head_addresses(settings: Settings) -> dict[str, str]:
+    host = settings.node_ip or "127.0.0.1"
+    return {
+        "ray_address": f"{host}:{settings.ray_port}",
+        "dashboard_url": f"http://{host}:{settings.dashboard_port}",
+        "api_url": settings.api_url,
+        "serve_url": settings.local_head_url,
+    }
+
+
+def shell_env(settings: Settings) -> dict[str, str]:
+    """Exports with which plain Ray tools (`ray job submit`, `ray status`, `serve deploy`) reach the fabric."""
+    paths = head_paths(settings.home)
+    addr = head_addresses(settings)
+    return {
+        # `ray status` and drivers (ray.init) dial the GCS; `ray job submit` the Jobs API;
+        # `serve deploy|status` the dashboard.
+        "RAY_ADDRESS": addr["ray_address"],
+        "RAY_API_SERVER_ADDRESS": addr["dashboard_url"],
+        "RAY_DASHBOARD_ADDRESS": addr["dashboard_url"],
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(paths["ray_token"]),
+        "DGPT_HOME": str(settings.home),
+        "DGPT_HEAD_URL": settings.local_head_url,
+    }
+
+
+def prepare_state(settings: Settings) -> dict[str, Path]:
+    """Create the head's state folder and its secrets (kept across restarts)."""
+    paths = head_paths(settings.home)
+    paths["dir"].mkdir(parents=True, exist_ok=True)
+    paths["log"].parent.mkdir(parents=True, exist_ok=True)
+    if not paths["ray_token"].is_file():
+        write_secret(paths["ray_token"], secrets.token_hex(32))
+    if not paths["api_key"].is_file():
+        write_secret(paths["api_key"], f"dgpt_api_{secrets.token_urlsafe(24)}")
+    return paths
+
+
+def ray_head_argv(settings: Settings) -> list[str]:
+    ip = settings.node_ip or "127.0.0.1"
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    return [
+        ray_bin, "start", "--head", "--block",
+        f"--port={settings.ray_port}",
+        f"--node-ip-address={ip}",
+        "--dashboard-host=0.0.0.0" if settings.http_host == "0.0.0.0" else f"--dashboard-host={ip}",
+        f"--dashboard-port={settings.dashboard_port}",
+        "--include-dashboard=true",
+        f"--num-cpus={settings.head_cpus:g}",
+        "--num-gpus=0",
+        f"--resources={json.dumps({HEAD_RESOURCE: 1})}",
+        "--labels=dgpt.io/role=head",
+        f"--temp-dir={ray_temp_dir(settings.home)}",
+        # Auxiliary ports: free ones, so several fabrics can share one machine.
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        "--disable-usage-stats",
+    ]
+
+
+def _bootstrap(settings: Settings, paths: dict[str, Path]) -> None:
+    """Registry actor and control-plane app, on a running Ray head."""
+    import ray
+    from ray import serve
+
+    from dgpt.head.api import build
+    from dgpt.head.registry import Registry
+
+    gcs = f"{settings.node_ip or '127.0.0.1'}:{settings.ray_port}"
+    ray.init(address=gcs, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
+    registry_cls = ray.remote(Registry)
+    registry = registry_cls.options(  # type: ignore[attr-defined]
+        name=REGISTRY_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=-1,
+        max_concurrency=16,
+        num_cpus=0,
+        resources={HEAD_RESOURCE: 0.01},
+    ).remote(settings.model_dump_json())
+    ray.get(registry.ping.remote(), timeout=120)
+    serve.start(
+        http_options={"host": settings.http_host, "port": settings.http_port, "location": "HeadOnly"},
+    )
+    serve.run(build(settings), name=CONTROL_PLANE_APP, route_prefix=CONTROL_PLANE_PREFIX, blocking=False)
+    ray.shutdown()
+
+
+def run_supervisor(settings: Settings) -> int:
+    """Run the head in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    paths = prepare_state(settings)
+    for port, name in ((settings.ray_port, "DGPT_RAY_PORT"), (settings.dashboard_port, "DGPT_DASHBOARD_PORT"),
+                       (settings.http_port, "DGPT_HTTP_PORT")):
+        if port_in_use(port, settings.node_ip or "127.0.0.1"):
+            print(f"error: port {port} ({name}) is already in use; pick another with {name}=...", file=sys.stderr)
+            return 2
+    env = ray_env(paths["ray_token"])
+    # Nothing to drain on the head itself: its work is the control plane, stopped with it.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_USAGE_STATS_ENABLED")})
+    os.environ.pop("RAY_ADDRESS", None)
+    ray_log = paths["log"].with_name("ray-head.log")
+    with open(ray_log, "ab") as log:
+        ray_proc = subprocess.Popen(ray_head_argv(settings), stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    stopping = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        ip = settings.node_ip or "127.0.0.1"
+        if not wait_until(lambda: port_in_use(settings.ray_port, ip) or ray_proc.poll() is not None, 120):
+            raise FabricError("the Ray head did not open its port within 120 s", hint=f"see {ray_log}")
+        if ray_proc.poll() is not None:
+            raise FabricError(f"`ray start --head` exited with code {ray_proc.returncode}", hint=f"see {ray_log}")
+        _bootstrap(settings, paths)
+        write_json(paths["info"], {"pid": os.getpid(), "started_at": time.time(), **head_addresses(settings),
+                                   "env": shell_env(settings), "settings": settings.model_dump(
+                                       include=set(RUNTIME_KEYS), mode="json")})
+        print(f"dgpt head ready: {head_addresses(settings)}", flush=True)
+        while not stopping and ray_proc.poll() is None:
+            time.sleep(0.5)
+        return 0 if stopping else 1
+    except Exception as exc:
+        print(f"error: head failed to start: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if ray_proc.poll() is None:
+            stop_tree(ray_proc.pid, grace_s=30)
+        paths["info"].unlink(missing_ok=True)
+
+
+def head_running(settings: Settings) -> dict | None:
+    """head.json of a running head of this DGPT_HOME, or None."""
+    paths = head_paths(settings.home)
+    pid_info = read_json(paths["pid"])
+    if not pid_info or not alive(pid_info.get("pid")):
+        return None
+    return read_json(paths["info"]) or {"pid": pid_info["pid"]}
+
+
+def start_head(settings: Settings, timeout_s: float = 180.0, on_wait: Any = None) -> dict:
+    """Start the head in the background; return its addresses once the API answers.
+
+    Raises:
+        FabricError: a head already runs for this DGPT_HOME, or it failed to start.
+    """
+    import httpx
+
+    paths = prepare_state(settings)
+    if head_running(settings):
+        raise FabricError(f"a head already runs for DGPT_HOME={settings.home}", hint="stop it with `dgpt head stop`")
+    env = dict(os.environ)
+    env["DGPT_HOME"] = str(settings.home)
+    for key in ("ray_port", "dashboard_port", "http_port", "http_host", "node_ip", "heartbeat_interval_s",
+                "heartbeat_timeout_s", "drain_deadline_s", "monitor_interval_s", "head_cpus"):
+        value = getattr(settings, key)
+        if value is not None:
+            env[f"DGPT_{key.upper()}"] = str(value)
+    pid = spawn_detached([sys.executable, "-m", "dgpt.head.process"], paths["log"], env)
+    write_json(paths["pid"], {"pid": pid})
+    health = f"{settings.api_url}/health"
+
+    def ready() -> bool:
+        if not alive(pid):
+            return True
+        try:
+            return httpx.get(health, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if on_wait:
+            on_wait(time.monotonic() - (deadline - timeout_s))
+        if time.monotonic() > deadline:
+            stop_tree(pid, grace_s=20)
+            raise FabricError(f"the head did not answer {health} within {timeout_s:.0f} s", hint=f"see {paths['log']}")
+        time.sleep(0.5)
+    if not alive(pid):
+        tail = paths["log"].read_text(errors="replace").splitlines()[-15:] if paths["log"].is_file() else []
+        raise FabricError("the head exited while starting:\n  " + "\n  ".join(tail), hint=f"full log: {paths['log']}")
+    return {"pid": pid, **head_addresses(settings)}
+
+
+def stop_head(settings: Settings, grace_s: float = 45.0) -> bool:
+    """Stop the head of this DGPT_HOME by pid. Returns False if none was running."""
+    paths = head_paths(settings.home)
+    pid_info = read_json(paths["pid"])
+    if not pid_info or not alive(pid_info.get("pid")):
+        paths["pid"].unlink(missing_ok=True)
+        return False
+    stop_tree(int(pid_info["pid"]), grace_s=grace_s)
+    paths["pid"].unlink(missing_ok=True)
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(run_supervisor(load_settings()))

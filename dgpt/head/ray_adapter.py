@@ -1,0 +1,167 @@
+"""The one module that talks to Ray's private APIs (GCS client, DrainNode, resource state).
+
+Everything else in dgpt calls this small typed interface, so a Ray upgrade touches one file.
+Ray is imported lazily: ``import dgpt`` must stay light.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dgpt.exceptions import RayAdapterError
+
+DONOR_ID_LABEL = "dgpt.io/donor-id"
+ROLE_LABEL = "dgpt.io/role"
+
+# DrainNode reasons we use; Ray rejects IDLE_TERMINATION of a busy node, never PREEMPTION.
+DRAIN_PREEMPTION = "preemption"
+DRAIN_IDLE = "idle"
+
+
+@dataclass(frozen=True)
+class RayNode:
+    """One node of Ray's node table."""
+
+    node_id: str
+    alive: bool
+    labels: dict[str, str]
+    resources_total: dict[str, float]
+    node_ip: str
+    is_head: bool
+    death_reason: str = ""
+
+    @property
+    def donor_id(self) -> str | None:
+        return self.labels.get(DONOR_ID_LABEL)
+
+
+@dataclass(frozen=True)
+class NodeUsage:
+    """A live node's resource state as the GCS autoscaler view reports it."""
+
+    node_id: str
+    available: dict[str, float]
+    total: dict[str, float]
+    idle_s: float
+    status: str  # RUNNING | IDLE | DRAINING | DEAD
+
+
+@dataclass(frozen=True)
+class ClusterDemand:
+    """Unmet demand: resource shapes of pending tasks/actors, and pending placement groups."""
+
+    shapes: list[dict[str, float]] = field(default_factory=list)
+    gangs: list[dict[str, Any]] = field(default_factory=list)
+    constraints: list[dict[str, float]] = field(default_factory=list)
+
+
+class RayAdapter:
+    """Typed access to the GCS of one Ray cluster."""
+
+    def __init__(self, gcs_address: str | None = None) -> None:
+        import ray
+        from ray._raylet import GcsClient
+
+        if gcs_address is None:
+            if not ray.is_initialized():
+                raise RayAdapterError("not connected to Ray and no GCS address given")
+            gcs_address = ray.get_runtime_context().gcs_address
+        self.gcs_address = gcs_address
+        try:
+            self._gcs = GcsClient(address=gcs_address)
+        except Exception as exc:  # pragma: no cover - depends on Ray internals
+            raise RayAdapterError(f"cannot reach the Ray GCS at {gcs_address}: {exc}") from exc
+
+    def nodes(self, timeout_s: float = 10.0) -> list[RayNode]:
+        """Every node the GCS knows, alive and dead (dead ones stay listed for a while)."""
+        from ray.core.generated import gcs_pb2
+
+        try:
+            infos = self._gcs.get_all_node_info(timeout=timeout_s)
+        except Exception as exc:
+            raise RayAdapterError(f"listing Ray nodes failed: {exc}") from exc
+        out = []
+        for node_id, info in infos.items():
+            death = ""
+            if info.HasField("death_info"):
+                death = info.death_info.reason_message or str(info.death_info.reason)
+            out.append(
+                RayNode(
+                    node_id=node_id.hex(),
+                    alive=info.state == gcs_pb2.GcsNodeInfo.ALIVE,
+                    labels=dict(info.labels),
+                    resources_total=dict(info.resources_total),
+                    node_ip=info.node_manager_address,
+                    is_head=bool(info.is_head_node),
+                    death_reason=death,
+                )
+            )
+        return out
+
+    def drain_node(self, node_id: str, reason: str, message: str, deadline_s: float) -> tuple[bool, str]:
+        """Ask the GCS to drain a node: no new work lands there; Serve moves replicas first.
+
+        The raylet exits by itself once it is drained and idle; past the deadline the
+        caller stops it. Returns (accepted, rejection message).
+        """
+        from ray.core.generated import autoscaler_pb2
+
+        reasons = {
+            DRAIN_PREEMPTION: autoscaler_pb2.DrainNodeReason.DRAIN_NODE_REASON_PREEMPTION,
+            DRAIN_IDLE: autoscaler_pb2.DrainNodeReason.DRAIN_NODE_REASON_IDLE_TERMINATION,
+        }
+        if reason not in reasons:
+            raise ValueError(f"drain reason must be one of {sorted(reasons)}, got {reason!r}")
+        deadline_ms = int((time.time() + deadline_s) * 1000)
+        try:
+            accepted, rejection = self._gcs.drain_node(node_id, reasons[reason], message, deadline_ms)
+        except Exception as exc:
+            raise RayAdapterError(f"DrainNode({node_id[:8]}) failed: {exc}") from exc
+        return bool(accepted), str(rejection or "")
+
+    def draining_nodes(self) -> dict[str, int]:
+        """node_id -> drain deadline (ms since epoch; 0 = none) of nodes being drained."""
+        try:
+            raw = self._gcs.get_draining_nodes()
+        except Exception as exc:
+            raise RayAdapterError(f"listing draining nodes failed: {exc}") from exc
+        return {(k.hex() if hasattr(k, "hex") else str(k)): int(v) for k, v in raw.items()}
+
+    def usage_and_demand(self) -> tuple[list[NodeUsage], ClusterDemand]:
+        """Per-node usage and the cluster's unmet demand, from the GCS autoscaler state."""
+        from ray.autoscaler.v2.sdk import get_cluster_resource_state
+        from ray.core.generated import autoscaler_pb2
+
+        try:
+            state = get_cluster_resource_state(self._gcs)
+        except Exception as exc:
+            raise RayAdapterError(f"reading cluster resource state failed: {exc}") from exc
+        status_name = autoscaler_pb2.NodeStatus.Name
+        usage = [
+            NodeUsage(
+                node_id=n.node_id.hex() if isinstance(n.node_id, bytes) else str(n.node_id),
+                available=dict(n.available_resources),
+                total=dict(n.total_resources),
+                idle_s=n.idle_duration_ms / 1000.0,
+                status=status_name(n.status),
+            )
+            for n in state.node_states
+        ]
+        shapes: list[dict[str, float]] = []
+        for req in state.pending_resource_requests:
+            shape = dict(req.request.resources_bundle)
+            shapes.extend([shape] * max(1, req.count))
+        gangs = [
+            {
+                "bundles": [dict(b.resources_bundle) for b in g.requests],
+                "strategy": "gang",
+            }
+            for g in state.pending_gang_resource_requests
+        ]
+        constraints: list[dict[str, float]] = []
+        for c in state.cluster_resource_constraints:
+            for r in c.resource_requests:
+                constraints.extend([dict(r.request.resources_bundle)] * max(1, r.count))
+        return usage, ClusterDemand(shapes=shapes, gangs=gangs, constraints=constraints)

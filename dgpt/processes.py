@@ -1,0 +1,149 @@
+"""Starting and stopping the process trees dgpt owns, by pid (never `ray stop`).
+
+`ray stop` kills every Ray process on the host, other people's too; dgpt instead records the
+pid of each process it starts and stops exactly that process and its descendants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def spawn_detached(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> int:
+    """Start a process in its own session (it outlives the caller); returns its pid."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    return proc.pid
+
+
+def alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        return _running(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """The process and all its descendants (empty if it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_tree(pid: int, grace_s: float = 30.0, sig: int = signal.SIGTERM) -> list[int]:
+    """Signal ``pid``, wait up to ``grace_s`` for it and its descendants, then SIGKILL the rest.
+
+    Descendants are collected before signalling, so orphans re-parented to init are still
+    found. Returns the pids that had to be killed.
+    """
+    procs = tree(pid)
+    if not procs:
+        return []
+    try:
+        procs[0].send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass
+    survivors = _wait_gone(procs, grace_s)
+    killed = []
+    for proc in survivors:
+        try:
+            proc.kill()
+            killed.append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    _wait_gone(survivors, 5)
+    return killed
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        # A zombie has exited; only its parent's wait() is missing (in containers PID 1
+        # often never reaps orphans), so it counts as gone.
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until every process has exited; return those still running at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    left = procs
+    while True:
+        for proc in left:
+            try:
+                proc.wait(timeout=0)  # reaps our own children
+            except (psutil.TimeoutExpired, psutil.NoSuchProcess, ChildProcessError):
+                pass
+        left = [p for p in left if _running(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (a crash never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.5) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it is truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
+
+
+def write_secret(path: Path, value: str) -> None:
+    """Write a secret readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
