@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import psutil
@@ -113,6 +113,38 @@ def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Pro
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.1)
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants so they are reaped here, not left as zombies.
+
+    `ray start --block` may exit before its raylet; the orphan would go to PID 1, which in
+    many containers never reaps. As a subreaper this process inherits it instead, and
+    :func:`reap_orphans` (or :func:`stop_tree`) collects it.
+    """
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+    except OSError:  # not Linux: nothing to adopt
+        pass
+
+
+def reap_orphans(keep: Iterable[int] = ()) -> int:
+    """Reap exited children other than ``keep`` (whose Popen objects reap them); returns how many."""
+    kept = set(keep)
+    reaped = 0
+    for child in psutil.Process().children():
+        if child.pid in kept:
+            continue
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
+                reaped += 1
+        except (psutil.NoSuchProcess, ChildProcessError):
+            pass
+    return reaped
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -8,12 +8,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from dgpt.cli.progress import stage_progress
 from dgpt.config import Settings, load_settings
 from dgpt.exceptions import ConfigError, DgptError, DonorError
 
@@ -44,23 +45,16 @@ def _client(settings: Settings):  # type: ignore[no-untyped-def]
     return api_client(settings)
 
 
-def _progress():  # type: ignore[no-untyped-def]
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=False)
-
-
 # ------------------------------------------------------------------ fabric
 
 
 @app.command()
 def up(
     donors: int = typer.Option(3, "--donors", "-n", min=0, max=16, help="Simulated donors to start."),
-    home: Optional[Path] = HomeOpt,
-    ray_port: Optional[int] = typer.Option(None, help="GCS port (DGPT_RAY_PORT)."),
-    dashboard_port: Optional[int] = typer.Option(None, help="Dashboard/Jobs port (DGPT_DASHBOARD_PORT)."),
-    http_port: Optional[int] = typer.Option(None, help="Serve HTTP port (DGPT_HTTP_PORT)."),
+    home: Path | None = HomeOpt,
+    ray_port: int | None = typer.Option(None, help="GCS port (DGPT_RAY_PORT)."),
+    dashboard_port: int | None = typer.Option(None, help="Dashboard/Jobs port (DGPT_DASHBOARD_PORT)."),
+    http_port: int | None = typer.Option(None, help="Serve HTTP port (DGPT_HTTP_PORT)."),
 ) -> None:
     """Start a head and N simulated donors on this machine, in the background."""
     from dgpt.head import fabric
@@ -69,22 +63,20 @@ def up(
                          node_ip=None)
     if settings.node_ip is None:
         settings = settings.model_copy(update={"node_ip": "127.0.0.1"})
-    with _progress() as bar:
-        task = bar.add_task("starting", total=1.0)
-        fabric.up(settings, donors, progress=lambda msg, frac: bar.update(task, description=msg, completed=frac))
+    with stage_progress(err_console, "starting") as say:
+        fabric.up(settings, donors, progress=say)
     _print_addresses(settings)
     console.print(f"[green]fabric up[/] with {donors} donor(s). Stop it with [bold]dgpt down[/].")
 
 
 @app.command()
-def down(home: Optional[Path] = HomeOpt) -> None:
+def down(home: Path | None = HomeOpt) -> None:
     """Stop everything `dgpt up` started (by pid), donors first."""
     from dgpt.head import fabric
 
     settings = _settings(home=home)
-    with _progress() as bar:
-        task = bar.add_task("stopping", total=1.0)
-        result = fabric.down(settings, progress=lambda msg, frac: bar.update(task, description=msg, completed=frac))
+    with stage_progress(err_console, "stopping") as say:
+        result = fabric.down(settings, progress=say)
     console.print(f"stopped {result['donors']} donor(s) and {result['head']} head.")
 
 
@@ -106,7 +98,7 @@ def _print_addresses(settings: Settings) -> None:
 @app.command()
 def status(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    home: Optional[Path] = HomeOpt,
+    home: Path | None = HomeOpt,
 ) -> None:
     """Show the head and every donor (state, node, resources, sessions)."""
     settings = _settings(home=home)
@@ -145,7 +137,7 @@ def status(
 
 
 @app.command("env")
-def env_cmd(home: Optional[Path] = HomeOpt) -> None:
+def env_cmd(home: Path | None = HomeOpt) -> None:
     """Print shell exports with which `ray job submit`, `ray status` and `serve deploy` reach the fabric."""
     from dgpt.head.process import shell_env
 
@@ -154,7 +146,7 @@ def env_cmd(home: Optional[Path] = HomeOpt) -> None:
 
 
 @app.command("config")
-def config_cmd(home: Optional[Path] = HomeOpt) -> None:
+def config_cmd(home: Path | None = HomeOpt) -> None:
     """Print every setting with its effective value (DGPT_* variables, config.toml, defaults)."""
     settings = _settings(home=home)
     table = Table("setting", "variable", "value", "meaning")
@@ -168,7 +160,7 @@ def config_cmd(home: Optional[Path] = HomeOpt) -> None:
 @app.command()
 def demo(
     donors: int = typer.Option(3, "--donors", min=2, max=8, help="Simulated donors."),
-    home: Optional[Path] = HomeOpt,
+    home: Path | None = HomeOpt,
 ) -> None:
     """Bring up a local fabric, run a real torch job on every donor, pause one donor mid-job, tear down."""
     from dgpt.cli.demo import run_demo
@@ -182,7 +174,7 @@ def demo(
 @head_app.command("start")
 def head_start(
     foreground: bool = typer.Option(False, "--foreground", help="Run in the foreground (systemd, containers)."),
-    home: Optional[Path] = HomeOpt,
+    home: Path | None = HomeOpt,
 ) -> None:
     """Start the head: Ray head (token auth), dashboard/Jobs, Serve proxy, control plane, registry."""
     from dgpt.head.process import run_supervisor, start_head
@@ -190,15 +182,14 @@ def head_start(
     settings = _settings(home=home)
     if foreground:
         raise typer.Exit(run_supervisor(settings))
-    with _progress() as bar:
-        task = bar.add_task("starting the head", total=None)
-        start_head(settings, on_wait=lambda s: bar.update(task, description=f"starting the head ({s:.0f}s)"))
+    with stage_progress(err_console, "starting the head") as say:
+        start_head(settings, on_wait=lambda s: say(f"starting the head ({s:.0f}s)", min(s / 60, 0.95)))
     _print_addresses(settings)
     console.print("Create a join token for donors with [bold]dgpt token create[/].")
 
 
 @head_app.command("stop")
-def head_stop(home: Optional[Path] = HomeOpt) -> None:
+def head_stop(home: Path | None = HomeOpt) -> None:
     """Stop the head started from this DGPT_HOME (by pid)."""
     from dgpt.head.process import stop_head
 
@@ -225,20 +216,20 @@ def _threshold(text: str) -> float | None:
 
 @donor_app.command("join")
 def donor_join(
-    head: Optional[str] = typer.Option(None, "--head", help="Head URL, e.g. http://HEAD:8000 (DGPT_HEAD_URL)."),
-    token: Optional[str] = typer.Option(None, "--token", help="Join token from `dgpt token create`."),
-    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the join token."),
-    cpus: Optional[float] = typer.Option(None, "--cpus", help="CPU cores to offer (default: all)."),
-    memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="Memory to offer in GiB (default: half)."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs to offer (default: all CUDA GPUs)."),
-    disk_gb: Optional[float] = typer.Option(None, "--disk-gb", help="Disk to offer to the storage tier, GiB."),
+    head: str | None = typer.Option(None, "--head", help="Head URL, e.g. http://HEAD:8000 (DGPT_HEAD_URL)."),
+    token: str | None = typer.Option(None, "--token", help="Join token from `dgpt token create`."),
+    token_file: Path | None = typer.Option(None, "--token-file", help="File holding the join token."),
+    cpus: float | None = typer.Option(None, "--cpus", help="CPU cores to offer (default: all)."),
+    memory_gb: float | None = typer.Option(None, "--memory-gb", help="Memory to offer in GiB (default: half)."),
+    gpus: int | None = typer.Option(None, "--gpus", help="GPUs to offer (default: all CUDA GPUs)."),
+    disk_gb: float | None = typer.Option(None, "--disk-gb", help="Disk to offer to the storage tier, GiB."),
     device_class: str = typer.Option("desktop", "--device-class", help="laptop, desktop, gpu-rig, server, ..."),
-    owner: Optional[str] = typer.Option(None, "--owner", help="Failure domain (default: this host's name)."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Extra node labels k=v,k2=v2."),
-    name: Optional[str] = typer.Option(None, "--name", help="Donor name (default: host name)."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Donor state folder (default $DGPT_HOME/donor)."),
+    owner: str | None = typer.Option(None, "--owner", help="Failure domain (default: this host's name)."),
+    labels: str | None = typer.Option(None, "--labels", help="Extra node labels k=v,k2=v2."),
+    name: str | None = typer.Option(None, "--name", help="Donor name (default: host name)."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="Donor state folder (default $DGPT_HOME/donor)."),
     load_threshold: str = typer.Option("0.6", "--load-threshold", help="Owner load per core that pauses donation, or 'off'."),
-    allowed_hours: Optional[str] = typer.Option(None, "--allowed-hours", help="Hours to donate, e.g. 22-7 (DGPT_ALLOWED_HOURS)."),
+    allowed_hours: str | None = typer.Option(None, "--allowed-hours", help="Hours to donate, e.g. 22-7 (DGPT_ALLOWED_HOURS)."),
 ) -> None:
     """Join this device to a dgpt fabric as a donor (blocks; Ctrl-C drains and leaves)."""
     import logging
@@ -270,6 +261,7 @@ def donor_join(
     extra_labels = parse_labels(labels)
     state = state_dir or settings.home / "donor"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat drowns the log
     with console.status("profiling this device"):
         profile = measure(state)
     caps = build_caps(profile, cpus=cpus, memory_gb=memory_gb, gpus=gpus, disk_gb=disk_gb)
@@ -286,7 +278,7 @@ def donor_join(
     raise typer.Exit(agent.run())
 
 
-def _donor_dir(home: Optional[Path], donor_id: Optional[str]) -> Path:
+def _donor_dir(home: Path | None, donor_id: str | None) -> Path:
     from dgpt.donor.agent import find_state_dir
 
     return find_state_dir(_settings(home=home).home, donor_id)
@@ -296,7 +288,7 @@ DonorIdOpt = typer.Option(None, "--donor-id", help="On the local fabric: the sim
 
 
 @donor_app.command("pause")
-def donor_pause(donor_id: Optional[str] = DonorIdOpt, home: Optional[Path] = HomeOpt) -> None:
+def donor_pause(donor_id: str | None = DonorIdOpt, home: Path | None = HomeOpt) -> None:
     """The owner is back: drain this donor now and keep it out until `resume`."""
     from dgpt.donor.agent import state_files
 
@@ -306,7 +298,7 @@ def donor_pause(donor_id: Optional[str] = DonorIdOpt, home: Optional[Path] = Hom
 
 
 @donor_app.command("resume")
-def donor_resume(donor_id: Optional[str] = DonorIdOpt, home: Optional[Path] = HomeOpt) -> None:
+def donor_resume(donor_id: str | None = DonorIdOpt, home: Path | None = HomeOpt) -> None:
     """Donate again after `pause`."""
     from dgpt.donor.agent import state_files
 
@@ -317,8 +309,8 @@ def donor_resume(donor_id: Optional[str] = DonorIdOpt, home: Optional[Path] = Ho
 
 @donor_app.command("leave")
 def donor_leave(
-    donor_id: Optional[str] = DonorIdOpt,
-    home: Optional[Path] = HomeOpt,
+    donor_id: str | None = DonorIdOpt,
+    home: Path | None = HomeOpt,
     wait_s: float = typer.Option(120.0, "--wait-s", min=0, help="How long to wait for the drain."),
 ) -> None:
     """Drain this donor (DrainNode with a deadline), stop its raylet, and stop the agent."""
@@ -343,10 +335,10 @@ def donor_leave(
 @job_app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def job_submit(
     ctx: typer.Context,
-    working_dir: Optional[str] = typer.Option(None, "--working-dir", help="runtime_env working_dir (a URI)."),
-    runtime_env_json: Optional[str] = typer.Option(None, "--runtime-env-json", help="runtime_env as JSON."),
-    submission_id: Optional[str] = typer.Option(None, "--submission-id"),
-    home: Optional[Path] = HomeOpt,
+    working_dir: str | None = typer.Option(None, "--working-dir", help="runtime_env working_dir (a URI)."),
+    runtime_env_json: str | None = typer.Option(None, "--runtime-env-json", help="runtime_env as JSON."),
+    submission_id: str | None = typer.Option(None, "--submission-id"),
+    home: Path | None = HomeOpt,
 ) -> None:
     """Submit a job: `dgpt job submit -- python train.py`."""
     entrypoint = " ".join(ctx.args).strip()
@@ -368,7 +360,7 @@ def job_submit(
 
 
 @job_app.command("status")
-def job_status(job_id: str, home: Optional[Path] = HomeOpt) -> None:
+def job_status(job_id: str, home: Path | None = HomeOpt) -> None:
     """Show a job's status."""
     with _client(_settings(home=home)) as client:
         job = client.job(job_id)
@@ -376,7 +368,7 @@ def job_status(job_id: str, home: Optional[Path] = HomeOpt) -> None:
 
 
 @job_app.command("list")
-def job_list(home: Optional[Path] = HomeOpt) -> None:
+def job_list(home: Path | None = HomeOpt) -> None:
     """List jobs."""
     with _client(_settings(home=home)) as client:
         jobs = client.jobs()
@@ -387,14 +379,14 @@ def job_list(home: Optional[Path] = HomeOpt) -> None:
 
 
 @job_app.command("logs")
-def job_logs(job_id: str, home: Optional[Path] = HomeOpt) -> None:
+def job_logs(job_id: str, home: Path | None = HomeOpt) -> None:
     """Print a job's logs."""
     with _client(_settings(home=home)) as client:
         print(client.job_logs(job_id), end="")
 
 
 @job_app.command("stop")
-def job_stop(job_id: str, home: Optional[Path] = HomeOpt) -> None:
+def job_stop(job_id: str, home: Path | None = HomeOpt) -> None:
     """Stop a job."""
     with _client(_settings(home=home)) as client:
         job = client.stop_job(job_id)
@@ -408,7 +400,7 @@ def job_stop(job_id: str, home: Optional[Path] = HomeOpt) -> None:
 def token_create(
     kind: str = typer.Option("join", "--kind", help="join (for donors) or api (for apps)."),
     label: str = typer.Option("", "--label", help="A note to recognise it by."),
-    home: Optional[Path] = HomeOpt,
+    home: Path | None = HomeOpt,
 ) -> None:
     """Create a join token (donors) or API key (apps); the secret is shown once."""
     if kind not in ("join", "api"):
@@ -419,7 +411,7 @@ def token_create(
 
 
 @token_app.command("list")
-def token_list(home: Optional[Path] = HomeOpt) -> None:
+def token_list(home: Path | None = HomeOpt) -> None:
     """List tokens (never their secrets)."""
     with _client(_settings(home=home)) as client:
         tokens = client.tokens()
@@ -431,7 +423,7 @@ def token_list(home: Optional[Path] = HomeOpt) -> None:
 
 
 @token_app.command("revoke")
-def token_revoke(token_id: str, home: Optional[Path] = HomeOpt) -> None:
+def token_revoke(token_id: str, home: Path | None = HomeOpt) -> None:
     """Revoke a token: donors and apps using it are refused from now on."""
     with _client(_settings(home=home)) as client:
         client.revoke_token(token_id)

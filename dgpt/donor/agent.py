@@ -12,6 +12,7 @@ State kept in ``state_dir``: ``donor.json`` (donor id and secret: the id survive
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -27,15 +28,40 @@ from typing import Any
 
 from dgpt.donor.idle import Detector, HoursDetector, LoadDetector, SwitchDetector
 from dgpt.exceptions import ApiError, AuthError, Conflict, DonorError, HeadUnreachable, NotFound
-from dgpt.processes import free_port, read_json, stop_tree, tree, write_json, write_secret
+from dgpt.processes import (
+    become_subreaper,
+    free_port,
+    read_json,
+    reap_orphans,
+    stop_tree,
+    tree,
+    write_json,
+    write_secret,
+)
 from dgpt.sdk.client import DonorClient
-from dgpt.sdk.models import DeviceProfile, DonorCaps, Heartbeat, HeartbeatResponse, LeaveRequest, RayJoin, RegisterRequest
+from dgpt.sdk.models import (
+    DeviceProfile,
+    DonorCaps,
+    Heartbeat,
+    HeartbeatResponse,
+    LeaveRequest,
+    RayJoin,
+    RegisterRequest,
+)
 
 log = logging.getLogger("dgpt.donor")
 
 # How often the agent looks at its detectors and its raylet between heartbeats: owners
 # expect their machine back within a second of touching it.
 POLL_S = 0.25
+# A drained node that ran nothing for this many polls (1 s) stops before its deadline.
+IDLE_POLLS_TO_STOP = 4
+# Titles of Ray's per-node service processes and idle workers: not the donor's work.
+_RAY_SERVICE_TITLES = frozenset({"ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent"})
+# One raylet starts at a time on a host (see DonorAgent._try_start_lock).
+RAYLET_START_LOCK = Path("/tmp/dgpt-raylet-start.lock")
+# A raylet normally starts in seconds; past this another donor of the host may start.
+RAYLET_START_TIMEOUT_S = 90.0
 
 
 @dataclass
@@ -84,6 +110,11 @@ class DonorAgent:
         self.state = "standby"  # standby | starting | active | draining
         self._ray: subprocess.Popen[bytes] | None = None
         self._ray_started = threading.Event()
+        self._ray_started_at = 0.0
+        self._start_lock: int | None = None
+        self._pending_join: RayJoin | None = None
+        self._crashes = 0  # raylets that died soon after starting, in a row
+        self._retry_after = 0.0
         self._stop = threading.Event()
         self._stop_reason = "sigterm"
         self._owner_reason: str | None = None
@@ -108,9 +139,13 @@ class DonorAgent:
             try:
                 resp = self.client.register(req, self.cfg.join_token)
                 break
-            except HeadUnreachable as exc:
-                log.warning("head unreachable, retrying in %.0fs: %s", backoff, exc.message)
-                self._stop.wait(backoff)
+            except (HeadUnreachable, ApiError) as exc:
+                if isinstance(exc, ApiError) and not _transient(exc):
+                    raise DonorError(f"the head refused to register this donor: {exc.message}",
+                                     hint=exc.hint or "check the join token (`dgpt token create` on the head)") from None
+                log.warning("head not ready, retrying in %.0fs: %s", backoff, exc.message)
+                # Jittered backoff: a fleet of donors must not return to a restarted head in lockstep.
+                self._stop.wait(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, 30.0)
         else:
             return
@@ -134,8 +169,73 @@ class DonorAgent:
                 continue
         return None
 
+    def _node_busy(self) -> bool:
+        """Whether a task or actor still runs on this donor's raylet (Ray titles worker processes)."""
+        if self._ray is None:
+            return False
+        for proc in tree(self._ray.pid):
+            try:
+                title = (proc.cmdline() or [""])[0]
+            except Exception:
+                continue
+            if title.startswith("ray::") and title not in _RAY_SERVICE_TITLES:
+                return True
+        return False
+
     def ray_running(self) -> bool:
         return self._ray is not None and self._ray.poll() is None
+
+    def _try_start_lock(self) -> bool:
+        """Take the host-wide raylet start lock without waiting.
+
+        Raylets of one host share Ray's session folder, and two starting at the same moment
+        race for the same numbered socket names there (one dies with EADDRINUSE). So each
+        agent on a host starts its raylet alone; donors on different hosts never wait.
+        """
+        if self._start_lock is not None:
+            return True
+        fd = os.open(str(RAYLET_START_LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._start_lock = fd
+        return True
+
+    def _release_start_lock(self) -> None:
+        if self._start_lock is not None:
+            fcntl.flock(self._start_lock, fcntl.LOCK_UN)
+            os.close(self._start_lock)
+            self._start_lock = None
+
+    def _maybe_start_ray(self) -> None:
+        """Start the raylet the head asked for, once the start lock and crash backoff allow."""
+        join = self._pending_join
+        if join is None or self.ray_running() or self._owner_reason is not None:
+            self._pending_join = None if self.ray_running() or self._owner_reason else join
+            return
+        if time.monotonic() < self._retry_after or not self._try_start_lock():
+            return
+        self._pending_join = None
+        self.start_ray(join)
+
+    def _raylet_exited(self, code: int | None) -> None:
+        """A raylet that dies soon after starting is retried with a growing, capped backoff."""
+        ran_s = time.monotonic() - self._ray_started_at
+        self._release_start_lock()
+        if self.state == "draining":
+            return
+        if ran_s < 60:
+            self._crashes += 1
+            wait_s = min(60.0, 2.0**self._crashes)
+            self._retry_after = time.monotonic() + wait_s
+            tail = _tail(self.files["ray_log"], 5)
+            log.error("raylet exited after %.0fs (code %s); retrying in %.0fs. Last lines of %s:\n%s",
+                      ran_s, code, wait_s, self.files["ray_log"], tail)
+        else:
+            self._crashes = 0
+            log.warning("raylet exited by itself (code %s)", code)
 
     def start_ray(self, join: RayJoin) -> None:
         write_secret(self.files["ray_token"], join.auth_token)
@@ -147,6 +247,7 @@ class DonorAgent:
             f"--num-cpus={join.num_cpus:g}",
             f"--num-gpus={join.num_gpus}",
             f"--memory={join.memory_bytes}",
+            f"--object-store-memory={object_store_bytes(join.memory_bytes)}",
             f"--resources={json.dumps(join.resources)}",
             f"--labels={labels}",
             # Free ports: several donors may share a host (the local fabric), and a donor
@@ -171,6 +272,7 @@ class DonorAgent:
         env.pop("RAY_AUTH_TOKEN", None)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         self._ray_started.clear()
+        self._ray_started_at = time.monotonic()
         self._ray = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             preexec_fn=_die_with_parent, start_new_session=True,
@@ -213,8 +315,14 @@ class DonorAgent:
             # `ray start` drains its own node (DrainNode) when it gets SIGTERM below.
             log.warning("could not ask the head to drain (%s); Ray drains the node on stop", exc)
         deadline = time.monotonic() + deadline_s
-        # A drained, idle raylet exits by itself; otherwise stop it at the deadline.
+        # Work gets until the deadline to finish or move (Serve starts replacements first);
+        # once the node has run nothing for IDLE_POLLS_TO_STOP polls it stops early.
+        idle_polls = 0
         while time.monotonic() < deadline and self._raylet_pid() is not None and self.ray_running():
+            idle_polls = 0 if self._node_busy() else idle_polls + 1
+            if idle_polls >= IDLE_POLLS_TO_STOP:
+                log.info("node idle: stopping the raylet before the deadline")
+                break
             time.sleep(POLL_S)
         self.stop_ray(grace_s=min(30.0, deadline_s + 5))
         self._heartbeat_now()
@@ -228,11 +336,6 @@ class DonorAgent:
                        owner_reason=self._owner_reason)
         try:
             resp = self.client.heartbeat(self.donor_id, self.secret, hb)
-        except HeadUnreachable as exc:
-            if self._head_ok:
-                log.warning("head unreachable; keeping the current state and retrying: %s", exc.message)
-            self._head_ok = False
-            return None
         except NotFound:
             # The head lost this donor (new database): register again under the same id.
             log.warning("head does not know donor %s; registering again", self.donor_id)
@@ -241,6 +344,14 @@ class DonorAgent:
         except (AuthError, Conflict) as exc:
             raise DonorError(f"the head refused this donor: {exc.message}",
                              hint=f"remove {self.files['identity']} and join again with a valid token") from None
+        except (HeadUnreachable, ApiError) as exc:
+            if isinstance(exc, ApiError) and not _transient(exc):
+                raise
+            # The head is away or restarting: keep the raylet as it is and try again.
+            if self._head_ok:
+                log.warning("head not answering; keeping the current state and retrying: %s", exc.message)
+            self._head_ok = False
+            return None
         if not self._head_ok:
             log.info("head reachable again")
         self._head_ok = True
@@ -250,7 +361,8 @@ class DonorAgent:
 
     def _act(self, resp: HeartbeatResponse) -> None:
         if resp.action == "activate" and resp.ray and not self.ray_running() and self._owner_reason is None:
-            self.start_ray(resp.ray)
+            self._pending_join = resp.ray
+            self._maybe_start_ray()
         elif resp.action == "drain" and self.ray_running():
             self.drain("autoscaler")
         elif resp.action == "stop":
@@ -269,6 +381,7 @@ class DonorAgent:
 
     def run(self) -> int:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        become_subreaper()
         write_json(self.files["pid"], {"pid": os.getpid()})
         try:
             self.register()
@@ -282,27 +395,54 @@ class DonorAgent:
                     self.drain(kind)
                     next_beat = 0.0
                 if self._ray is not None and self._ray.poll() is not None:
-                    log.warning("raylet exited by itself (code %s)", self._ray.returncode)
+                    self._raylet_exited(self._ray.returncode)
                     self._ray = None
                     self.state = "standby"
                     next_beat = 0.0
                 if self.state == "starting" and self._ray_started.is_set():
                     self.state = "active"
+                    self._release_start_lock()
                     next_beat = 0.0
+                elif self.state == "starting" and time.monotonic() - self._ray_started_at > RAYLET_START_TIMEOUT_S:
+                    self._release_start_lock()  # slow, not dead: let other donors of this host start
+                self._maybe_start_ray()
                 if time.monotonic() >= next_beat:
                     resp = self._heartbeat_now()
                     if resp is not None:
                         self._act(resp)
                     # Jitter so a fleet of donors does not heartbeat in lockstep.
                     next_beat = time.monotonic() + self.heartbeat_interval_s * random.uniform(0.9, 1.1)
+                reap_orphans(keep=[self._ray.pid] if self._ray is not None else [])
                 self._stop.wait(POLL_S)
             self.drain(self._stop_reason)
             return 0
         finally:
+            self._release_start_lock()
             if self._ray is not None:
                 self.stop_ray(grace_s=10)
             self.files["pid"].unlink(missing_ok=True)
             self.files["status"].unlink(missing_ok=True)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _transient(exc: ApiError) -> bool:
+    # 5xx: the control plane is restarting or briefly broken; the donor waits it out.
+    return exc.status_code >= 500
+
+
+# Ray needs at least this much object store; below it `ray start` refuses to run.
+_MIN_OBJECT_STORE_BYTES = 80 * 2**20
+
+
+def object_store_bytes(memory_bytes: int) -> int:
+    """Object store size inside the memory cap: 30% of it (Ray's own default share)."""
+    return max(_MIN_OBJECT_STORE_BYTES, int(memory_bytes * 0.3))
 
 
 def _die_with_parent() -> None:

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ def up(settings: Settings, n_donors: int, progress: Callable[[str, float], None]
         for i, spec in enumerate(specs):
             say(f"starting donor agent {spec.name} ({spec.device_class})", 0.4 + 0.1 * i / max(1, len(specs)))
             record["donors"].append({"name": spec.name, "pid": start_donor(settings, spec),
-                                     "state_dir": str(settings.home / "donors" / spec.name)})
+                                     "state_dir": str(settings.home / "donors" / spec.name), "spec": asdict(spec)})
             write_json(fabric_file(settings), record)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -143,6 +143,26 @@ def up(settings: Settings, n_donors: int, progress: Callable[[str, float], None]
         client.close()
     say("fabric ready", 1.0)
     return {"head": head, "donors": record["donors"]}
+
+
+def restart_donor(settings: Settings, name: str) -> int:
+    """Start a simulated donor's agent again after it left or died; it rejoins with its donor id.
+
+    Raises:
+        FabricError: no fabric runs here, no such donor, or its agent still runs.
+    """
+    record = read_json(fabric_file(settings))
+    if not record:
+        raise FabricError(f"no fabric runs for DGPT_HOME={settings.home}", hint="start one with `dgpt up`")
+    entry = next((d for d in record["donors"] if d["name"] == name), None)
+    if entry is None:
+        known = ", ".join(d["name"] for d in record["donors"])
+        raise FabricError(f"the fabric has no donor {name!r}", hint=f"its donors: {known}")
+    if alive(entry.get("pid")):
+        raise FabricError(f"donor {name} still runs (pid {entry['pid']})", hint=f"`dgpt donor leave --donor-id {name}` first")
+    entry["pid"] = start_donor(settings, DonorSpec(**entry["spec"]))
+    write_json(fabric_file(settings), record)
+    return int(entry["pid"])
 
 
 def down(settings: Settings, progress: Callable[[str, float], None] | None = None) -> dict[str, int]:

@@ -19,14 +19,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from dgpt.config import Settings, load_settings
 from dgpt.exceptions import FabricError
 from dgpt.head.registry import HEAD_RESOURCE, NAMESPACE, REGISTRY_NAME, head_paths
 from dgpt.processes import (
     alive,
+    become_subreaper,
     free_port,
     port_in_use,
     read_json,
+    reap_orphans,
     spawn_detached,
     stop_tree,
     wait_until,
@@ -161,6 +165,7 @@ def _bootstrap(settings: Settings, paths: dict[str, Path]) -> None:
 def run_supervisor(settings: Settings) -> int:
     """Run the head in the foreground until SIGTERM/SIGINT; returns the exit code."""
     paths = prepare_state(settings)
+    become_subreaper()
     for port, name in ((settings.ray_port, "DGPT_RAY_PORT"), (settings.dashboard_port, "DGPT_DASHBOARD_PORT"),
                        (settings.http_port, "DGPT_HTTP_PORT")):
         if port_in_use(port, settings.node_ip or "127.0.0.1"):
@@ -195,6 +200,7 @@ def run_supervisor(settings: Settings) -> int:
                                        include=set(RUNTIME_KEYS), mode="json")})
         print(f"dgpt head ready: {head_addresses(settings)}", flush=True)
         while not stopping and ray_proc.poll() is None:
+            reap_orphans(keep=[ray_proc.pid])
             time.sleep(0.5)
         return 0 if stopping else 1
     except Exception as exc:
@@ -203,6 +209,9 @@ def run_supervisor(settings: Settings) -> int:
     finally:
         if ray_proc.poll() is None:
             stop_tree(ray_proc.pid, grace_s=30)
+        # Orphans adopted from a `ray start` that exited first (we are their subreaper).
+        for child in psutil.Process().children():
+            stop_tree(child.pid, grace_s=10)
         paths["info"].unlink(missing_ok=True)
 
 
