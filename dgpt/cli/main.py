@@ -438,9 +438,12 @@ def _debug() -> bool:
 
 
 def main() -> None:
-    """Entry point: typed errors print their message and next step; tracebacks only with DGPT_DEBUG=1."""
+    """Entry point: typed errors print their message and next step; tracebacks only with DGPT_DEBUG=1.
+
+    Usage errors (unknown flags, out-of-range values) are typer's own: it names the flag and exits 2.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except DgptError as exc:
         if _debug():
             raise
@@ -448,18 +451,6 @@ def main() -> None:
         if exc.hint:
             err_console.print(f"  [yellow]->[/] {exc.hint}")
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 if __name__ == "__main__":

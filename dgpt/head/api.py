@@ -41,6 +41,8 @@ app = FastAPI(
     title="dgpt control plane",
     version="1",
     description="Donors, jobs and cluster status of a dgpt fabric.",
+    # Serve mounts this app under /api: the schema's paths are relative to it.
+    servers=[{"url": "/api"}],
 )
 
 
@@ -69,6 +71,23 @@ def _error_response(exc: DgptError) -> JSONResponse:
 @app.exception_handler(DgptError)
 async def _dgpt_error(_: Request, exc: DgptError) -> JSONResponse:
     return _error_response(exc)
+
+
+# Defined before the deployment class: Serve snapshots the class (and what it can see) when
+# it is decorated, so helpers defined after it are missing in the replica.
+def _job_view(info: Any) -> JobView:
+    def secs(ms: int | None) -> float | None:
+        return ms / 1000.0 if ms else None
+
+    return JobView(
+        job_id=info.submission_id or info.job_id,
+        status=str(getattr(info.status, "value", info.status)),
+        entrypoint=info.entrypoint,
+        message=info.message,
+        start_time=secs(info.start_time),
+        end_time=secs(info.end_time),
+        metadata=info.metadata or {},
+    )
 
 
 @serve.deployment(
@@ -258,21 +277,6 @@ class ControlPlane:
         await self._require_key(authorization)
         await self._jobs_call("stop_job", job_id)
         return await self.job_status(job_id, authorization)
-
-
-def _job_view(info: Any) -> JobView:
-    def secs(ms: int | None) -> float | None:
-        return ms / 1000.0 if ms else None
-
-    return JobView(
-        job_id=info.submission_id or info.job_id,
-        status=str(getattr(info.status, "value", info.status)),
-        entrypoint=info.entrypoint,
-        message=info.message,
-        start_time=secs(info.start_time),
-        end_time=secs(info.end_time),
-        metadata=info.metadata or {},
-    )
 
 
 def build(settings: Settings) -> Any:
