@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dgpt.exceptions import ConfigError
 
@@ -67,6 +67,14 @@ class Settings(BaseModel):
         None, description="Local hours a donor may work, e.g. '22-7'; unset means any hour."
     )
     head_cpus: float = Field(0.0, ge=0, le=1024, description="CPUs the head offers to user work.")
+
+    # Autoscaler bounds (autoscaler/bounds.py holds the rest of its pacing).
+    min_active_donors: int = Field(0, ge=0, le=100_000, description="Donors kept active even with no demand.")
+    max_active_donors: int = Field(
+        2000, ge=1, le=100_000, description="Most donors in the Ray cluster at once (Ray's envelope: a few thousand)."
+    )
+    idle_timeout_s: PositiveSeconds = Field(300.0, description="Idle time after which the autoscaler may drain a donor.")
+    autoscaler_interval_s: PositiveSeconds = Field(1.0, description="How often the autoscaler decides.")
     debug: bool = Field(False, description="Show tracebacks on errors.")
 
     @field_validator("allowed_hours")
@@ -75,6 +83,14 @@ class Settings(BaseModel):
         if value is not None:
             parse_hours(value)
         return value
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Settings:
+        if self.min_active_donors > self.max_active_donors:
+            raise ValueError(
+                f"min_active_donors ({self.min_active_donors}) must not exceed max_active_donors ({self.max_active_donors})"
+            )
+        return self
 
     @field_validator("head_url")
     @classmethod
@@ -187,7 +203,10 @@ def load_settings(overrides: Mapping[str, Any] | None = None, env: Mapping[str, 
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # a rule across settings: its message names them
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
+            key = str(err["loc"][0])
             where = sources.get(key, key)
             problems.append(f"{where}={values.get(key)!r}: {err['msg']}")
         raise ConfigError(

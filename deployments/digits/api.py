@@ -191,6 +191,14 @@ class DigitsAppArgs(BaseModel):
     )
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024, le=64 << 20)
     max_images: int = Field(default=DEFAULT_MAX_IMAGES, ge=1, le=4096)
+    slow_node_ids: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Ray node ids (hex) whose replicas add `slow_delay_ms` to every request: a slow "
+            "donor on purpose, for benchmarks of the request router."
+        ),
+    )
+    slow_delay_ms: float = Field(default=0.0, ge=0, le=60_000)
 
 
 def _too_large(what: str, limit: int) -> str:

@@ -81,6 +81,10 @@ class DigitsClassifier:
             ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         )
         self._latency: LatencyEstimate | None = None
+        # A donor slowed on purpose (benchmarks): the delay holds no CPU, like a far-away node.
+        self._delay_s = (
+            self._args.slow_delay_ms / 1000.0 if self.node_id in self._args.slow_node_ids else 0.0
+        )
         self._in_flight = 0
         # serve.batch's typing hides the setters it adds to the batched method.
         self._infer.set_max_batch_size(self._args.max_batch_size)  # type: ignore[attr-defined]
@@ -95,6 +99,8 @@ class DigitsClassifier:
         started = time.monotonic()
         self._in_flight += 1
         try:
+            if self._delay_s:
+                await asyncio.sleep(self._delay_s)
             return list(await asyncio.gather(*(self._infer(image) for image in images)))
         finally:
             self._in_flight -= 1

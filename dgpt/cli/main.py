@@ -321,7 +321,8 @@ def donor_leave(
     pid = (read_json(files["pid"]) or {}).get("pid")
     if not alive(pid):
         raise DonorError(f"the donor agent of {files['pid'].parent.name} is not running")
-    os.kill(int(pid), signal.SIGTERM)
+    # SIGINT is "the owner leaves" to the agent (SIGTERM is "the system stops it").
+    os.kill(int(pid), signal.SIGINT)
     with console.status("draining: running work finishes or moves, then the raylet stops"):
         done = wait_until(lambda: not alive(pid), wait_s)
     if not done:

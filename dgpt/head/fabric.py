@@ -7,7 +7,6 @@ and state folder, and its own raylet. ``$DGPT_HOME/fabric.json`` records every p
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import Any
 
 from dgpt.config import Settings
 from dgpt.exceptions import FabricError
-from dgpt.head.process import head_running, start_head, stop_head
+from dgpt.head.process import head_running, settings_env, start_head, stop_head
 from dgpt.head.registry import head_paths
 from dgpt.processes import alive, read_json, spawn_detached, stop_tree, write_json, write_secret
 from dgpt.sdk.client import Client
@@ -76,15 +75,6 @@ def donor_argv(settings: Settings, spec: DonorSpec, token_file: Path) -> list[st
         # Simulated donors share one machine: each other's load is not an owner coming back.
         "--load-threshold", "off",
     ]
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """Environment that hands this fabric's settings to its child processes."""
-    env = dict(os.environ)
-    for key, value in settings.model_dump().items():
-        if value is not None and key != "api_key":
-            env[f"DGPT_{key.upper()}"] = str(value)
-    return env
 
 
 def start_donor(settings: Settings, spec: DonorSpec) -> int:

@@ -68,6 +68,15 @@ def ray_env(token_path: Path, base: dict[str, str] | None = None) -> dict[str, s
     return env
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that hands these settings to a child process (never the API key)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DGPT_")}
+    for key, value in settings.model_dump().items():
+        if value is not None and key != "api_key":
+            env[f"DGPT_{key.upper()}"] = str(value)
+    return env
+
+
 def head_addresses(settings: Settings) -> dict[str, str]:
     host = settings.node_ip or "127.0.0.1"
     return {
@@ -235,14 +244,7 @@ def start_head(settings: Settings, timeout_s: float = 180.0, on_wait: Any = None
     paths = prepare_state(settings)
     if head_running(settings):
         raise FabricError(f"a head already runs for DGPT_HOME={settings.home}", hint="stop it with `dgpt head stop`")
-    env = dict(os.environ)
-    env["DGPT_HOME"] = str(settings.home)
-    for key in ("ray_port", "dashboard_port", "http_port", "http_host", "node_ip", "heartbeat_interval_s",
-                "heartbeat_timeout_s", "drain_deadline_s", "monitor_interval_s", "head_cpus"):
-        value = getattr(settings, key)
-        if value is not None:
-            env[f"DGPT_{key.upper()}"] = str(value)
-    pid = spawn_detached([sys.executable, "-m", "dgpt.head.process"], paths["log"], env)
+    pid = spawn_detached([sys.executable, "-m", "dgpt.head.process"], paths["log"], settings_env(settings))
     write_json(paths["pid"], {"pid": pid})
     health = f"{settings.api_url}/health"
 

@@ -49,12 +49,53 @@ class NodeUsage:
 
 
 @dataclass(frozen=True)
-class ClusterDemand:
-    """Unmet demand: resource shapes of pending tasks/actors, and pending placement groups."""
+class DemandShape:
+    """One resource request Ray cannot satisfy now: its resources and required node labels."""
 
-    shapes: list[dict[str, float]] = field(default_factory=list)
-    gangs: list[dict[str, Any]] = field(default_factory=list)
-    constraints: list[dict[str, float]] = field(default_factory=list)
+    resources: dict[str, float]
+    label_selector: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GangRequest:
+    """A pending placement group: its bundles and Ray strategy (PACK, SPREAD, STRICT_*)."""
+
+    bundles: list[DemandShape]
+    strategy: str = "PACK"
+
+
+@dataclass(frozen=True)
+class ClusterDemand:
+    """Unmet demand: pending tasks/actors, pending placement groups, request_resources()."""
+
+    shapes: list[DemandShape] = field(default_factory=list)
+    gangs: list[GangRequest] = field(default_factory=list)
+    constraints: list[DemandShape] = field(default_factory=list)
+
+
+def _selector(request: Any) -> dict[str, str]:
+    """Equality label constraints of a request (``key in {one value}``); others are not demand shapes."""
+    out: dict[str, str] = {}
+    for selector in getattr(request, "label_selectors", ()):
+        for c in selector.label_constraints:
+            op = c.DESCRIPTOR.fields_by_name["operator"].enum_type.values_by_number[c.operator].name
+            if op.endswith("_IN") and not op.endswith("NOT_IN") and len(c.label_values) == 1:
+                out[c.label_key] = c.label_values[0]
+    return out
+
+
+def _shape(request: Any) -> DemandShape:
+    return DemandShape(dict(request.resources_bundle), _selector(request))
+
+
+def _strategy(gang: Any) -> str:
+    """Ray encodes SPREAD-type groups as anti-affinity between bundles, PACK as affinity."""
+    constraints = [c for r in gang.requests for c in r.placement_constraints]
+    if any(c.HasField("anti_affinity") for c in constraints):
+        return "STRICT_SPREAD"
+    if any(c.HasField("affinity") for c in constraints):
+        return "STRICT_PACK"
+    return "PACK"
 
 
 class RayAdapter:
@@ -149,19 +190,12 @@ class RayAdapter:
             )
             for n in state.node_states
         ]
-        shapes: list[dict[str, float]] = []
+        shapes: list[DemandShape] = []
         for req in state.pending_resource_requests:
-            shape = dict(req.request.resources_bundle)
-            shapes.extend([shape] * max(1, req.count))
-        gangs = [
-            {
-                "bundles": [dict(b.resources_bundle) for b in g.requests],
-                "strategy": "gang",
-            }
-            for g in state.pending_gang_resource_requests
-        ]
-        constraints: list[dict[str, float]] = []
+            shapes.extend([_shape(req.request)] * max(1, req.count))
+        gangs = [GangRequest([_shape(r) for r in g.requests], _strategy(g)) for g in state.pending_gang_resource_requests]
+        constraints: list[DemandShape] = []
         for c in state.cluster_resource_constraints:
             for r in c.resource_requests:
-                constraints.extend([dict(r.request.resources_bundle)] * max(1, r.count))
+                constraints.extend([_shape(r.request)] * max(1, r.count))
         return usage, ClusterDemand(shapes=shapes, gangs=gangs, constraints=constraints)

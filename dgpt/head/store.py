@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS donors (
     caps_json TEXT NOT NULL,
     labels_json TEXT NOT NULL,
     state TEXT NOT NULL,
-    target TEXT NOT NULL DEFAULT 'active',
+    target TEXT NOT NULL DEFAULT 'standby',
     node_id TEXT,
     owner_active INTEGER NOT NULL DEFAULT 0,
     drain_reason TEXT,
@@ -230,9 +230,10 @@ class RegistryStore:
             donor_id = req.donor_id or f"d-{uuid.uuid4().hex[:10]}"
             secret = req.donor_secret or secrets.token_urlsafe(32)
             db.execute(
+                # New donors wait in standby until the autoscaler activates them.
                 """INSERT INTO donors(donor_id, secret_hash, name, device_class, owner, profile_json, caps_json,
-                   labels_json, state, registered_at, last_heartbeat_at, token_id)
-                   VALUES (?,?,?,?,?,?,?,?, 'standby', ?, ?, ?)""",
+                   labels_json, state, target, registered_at, last_heartbeat_at, token_id)
+                   VALUES (?,?,?,?,?,?,?,?, 'standby', 'standby', ?, ?, ?)""",
                 (
                     donor_id, hash_secret(secret), req.name, req.device_class, req.owner,
                     req.profile.model_dump_json(), req.caps.model_dump_json(), json.dumps(req.labels), now, now, token_id,
@@ -256,7 +257,7 @@ class RegistryStore:
     def heartbeat(self, donor_id: str, hb: Heartbeat, now: float, drain_deadline_s: float) -> HeartbeatDecision:
         """Record a heartbeat and decide what the donor does next.
 
-        Rules (fabric core; the autoscaler sets ``target`` instead of leaving it 'active'):
+        Rules (``target`` is the autoscaler's choice, 'standby' until it activates the donor):
         - a donor the head is draining is told to drain;
         - a donor whose owner is active, or that is draining by itself, stays out;
         - a standby donor whose target is active is told to activate;
@@ -283,7 +284,8 @@ class RegistryStore:
                 if state in RUNNING_STATES:
                     # The agent says its raylet is gone: close what was open.
                     how = "drained" if state == "draining" else "lost"
-                    self._close_session(db, donor_id, now, how, "agent reported its raylet stopped")
+                    why = row["drain_reason"] if how == "drained" else "agent reported its raylet stopped"
+                    self._close_session(db, donor_id, now, how, why or "drained")
                     state = "standby"
                 elif state in ("gone", "registered"):
                     state = "standby"
@@ -379,7 +381,8 @@ class RegistryStore:
                 node_id = row["node_id"]
                 if node_id and any(n.node_id == node_id and not n.alive for n in observed):
                     how = "drained" if state == "draining" else "lost"
-                    self._close_session(db, donor_id, now, how, "Ray node died" if how == "lost" else "drained")
+                    why = "Ray node died" if how == "lost" else (row["drain_reason"] or "drained")
+                    self._close_session(db, donor_id, now, how, why)
                     db.execute(
                         "UPDATE donors SET state='standby', node_id=NULL, drain_reason=NULL WHERE donor_id=?",
                         (donor_id,),

@@ -83,6 +83,7 @@ def test_unknown_donor_and_wrong_secret(store, token):
 
 
 def _activate(store, donor_id, node_id, now):
+    store.set_target(donor_id, "active")  # the autoscaler's ActivateDonor
     decision = store.heartbeat(donor_id, Heartbeat(state="standby"), now, 30.0)
     assert decision.action == "activate"
     store.heartbeat(donor_id, Heartbeat(state="starting"), now + 1, 30.0)
@@ -104,6 +105,24 @@ def test_lifecycle_activate_then_drain_ends_drained(store, token):
     donor = store.get_donor(donor_id)
     assert donor.state == "standby"
     assert [s.ended_as for s in donor.sessions] == ["drained"]
+
+
+def test_a_new_donor_waits_for_the_autoscaler(store, token):
+    donor_id, _, _ = store.register(_request(), token, now=0.0)
+    assert store.heartbeat(donor_id, Heartbeat(state="standby"), 1.0, 30.0).action == "standby"
+    store.set_target(donor_id, "active")
+    assert store.heartbeat(donor_id, Heartbeat(state="standby"), 2.0, 30.0).action == "activate"
+
+
+def test_scale_down_target_drains_a_running_donor(store, token):
+    donor_id, _, _ = store.register(_request(), token, now=0.0)
+    _activate(store, donor_id, "n1", now=1.0)
+    store.set_target(donor_id, "standby")
+    decision = store.heartbeat(donor_id, Heartbeat(state="active"), 5.0, 20.0)
+    assert decision.action == "drain"
+    store.reconcile([NodeObservation("n1", donor_id, False)], now=8.0, heartbeat_timeout_s=10.0)
+    session = store.get_donor(donor_id).sessions[-1]
+    assert (session.ended_as, session.end_reason) == ("drained", "autoscaler")
 
 
 def test_owner_active_keeps_the_donor_out(store, token):
