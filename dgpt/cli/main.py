@@ -55,6 +55,8 @@ def up(
     ray_port: int | None = typer.Option(None, help="GCS port (DGPT_RAY_PORT)."),
     dashboard_port: int | None = typer.Option(None, help="Dashboard/Jobs port (DGPT_DASHBOARD_PORT)."),
     http_port: int | None = typer.Option(None, help="Serve HTTP port (DGPT_HTTP_PORT)."),
+    min_active: int | None = typer.Option(
+        None, "--min-active", min=0, help="Donors kept active; the rest wait for demand (default: all)."),
 ) -> None:
     """Start a head and N simulated donors on this machine, in the background."""
     from dgpt.head import fabric
@@ -64,7 +66,7 @@ def up(
     if settings.node_ip is None:
         settings = settings.model_copy(update={"node_ip": "127.0.0.1"})
     with stage_progress(err_console, "starting") as say:
-        fabric.up(settings, donors, progress=say)
+        fabric.up(settings, donors, progress=say, min_active=min_active)
     _print_addresses(settings)
     console.print(f"[green]fabric up[/] with {donors} donor(s). Stop it with [bold]dgpt down[/].")
 
@@ -105,6 +107,7 @@ def status(
     head = _head_block(settings)
     with _client(settings) as client:
         donors = client.donors()
+        cluster = client.cluster()
     data = {
         "head": head,
         "donors": [
@@ -119,6 +122,7 @@ def status(
             for d in donors
         ],
     }
+    data["autoscaler"] = cluster.autoscaler
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -134,6 +138,26 @@ def status(
             f"{d.profile.cpu_gflops:.0f}", f"{len(d.sessions)} ({', '.join(ended) or 'open'})",
         )
     console.print(table)
+    _print_autoscaler(cluster.autoscaler)
+
+
+def _print_autoscaler(status: dict[str, Any]) -> None:
+    if "error" in status:
+        console.print(f"[yellow]{status['error']}[/]")
+        return
+    tick = status.get("last_tick", {})
+    bounds = status.get("bounds", {})
+    console.print(f"autoscaler: {status.get('ticks', 0)} ticks, {status.get('errors', 0)} errors; "
+                  f"min/max active {bounds.get('min_active')}/{bounds.get('max_active')}; last tick: "
+                  f"{tick.get('active', 0)} active, {tick.get('activating', 0)} activating, "
+                  f"{tick.get('standby', 0)} standby, {tick.get('pending', 0)} pending shapes")
+    recent = status.get("recent", [])[-8:]
+    if recent:
+        table = Table("when", "action", "donor", "reason", "result", title="autoscaler decisions (latest last)")
+        for a in recent:
+            table.add_row(time.strftime("%H:%M:%S", time.localtime(a["at"])), a["action"], a["donor_id"],
+                          a["reason"], ("ok: " if a["ok"] else "refused: ") + a["result"])
+        console.print(table)
 
 
 @app.command("env")

@@ -131,6 +131,18 @@ class ControlPlane:
             self._registry = None
             raise ApiError("the registry is restarting", 503, hint="retry in a few seconds") from None
 
+    async def _autoscaler_status(self) -> dict[str, Any]:
+        """The autoscaler's bounds, last tick and recent decisions; an error note while it restarts."""
+        import ray
+
+        from autoscaler.loop import AUTOSCALER_NAME
+
+        try:
+            actor = ray.get_actor(AUTOSCALER_NAME, namespace=NAMESPACE)
+            return dict(await asyncio.wait_for(actor.status.remote(), timeout=10))
+        except Exception as exc:
+            return {"error": f"autoscaler unavailable: {type(exc).__name__}: {str(exc)[:200]}"}
+
     async def _require_key(self, authorization: str | None) -> None:
         await self._call("check_api_key", _bearer(authorization))
 
@@ -230,13 +242,15 @@ class ControlPlane:
         total = await asyncio.to_thread(ray.cluster_resources)
         avail = await asyncio.to_thread(ray.available_resources)
         changes = await self._call("recent_changes")
+        autoscaler = await self._autoscaler_status()
+        autoscaler["donor_changes"] = [{"at": t, "donor_id": d, "what": w} for t, d, w in changes[-20:]]
         return ClusterView(
             donors_by_state=counts,
             active_donors=counts.get("active", 0),
             standby_donors=counts.get("standby", 0),
             resources_total=total,
             resources_available=avail,
-            autoscaler={"recent": [{"at": t, "donor_id": d, "what": w} for t, d, w in changes[-20:]]},
+            autoscaler=autoscaler,
             ray_address=ray.get_runtime_context().gcs_address,
             dashboard_url=f"http://{self.settings.node_ip or '127.0.0.1'}:{self.settings.dashboard_port}",
         )

@@ -84,14 +84,24 @@ def start_donor(settings: Settings, spec: DonorSpec) -> int:
 
 
 def up(settings: Settings, n_donors: int, progress: Callable[[str, float], None] | None = None,
-       timeout_s: float = 300.0) -> dict[str, Any]:
-    """Start a head and ``n_donors`` simulated donors; return once all donors are active.
+       timeout_s: float = 300.0, min_active: int | None = None) -> dict[str, Any]:
+    """Start a head and ``n_donors`` simulated donors; return once they have joined.
+
+    Args:
+        min_active: donors the autoscaler keeps active (its ``min_active`` bound); the others
+            wait in standby until demand needs them. Default: all of them.
 
     Raises:
-        FabricError: a fabric already runs for this DGPT_HOME, or it did not come up in time.
+        FabricError: a fabric already runs for this DGPT_HOME, a bound is invalid, or it did
+            not come up in time.
     """
     say = progress or (lambda msg, frac: None)
     specs = donor_specs(n_donors)
+    keep = n_donors if min_active is None else min_active
+    if not 0 <= keep <= n_donors:
+        raise FabricError(f"--min-active {keep} must be between 0 and --donors ({n_donors})")
+    settings = settings.model_copy(update={"min_active_donors": keep,
+                                           "max_active_donors": max(settings.max_active_donors, keep, 1)})
     existing = read_json(fabric_file(settings))
     if existing and (alive(existing.get("head_pid")) or any(alive(d.get("pid")) for d in existing.get("donors", []))):
         raise FabricError(f"a fabric already runs for DGPT_HOME={settings.home}", hint="stop it with `dgpt down`")
@@ -115,8 +125,9 @@ def up(settings: Settings, n_donors: int, progress: Callable[[str, float], None]
         while True:
             donors = client.donors()
             active = [d for d in donors if d.state == "active" and d.node_id]
-            say(f"donors active: {len(active)}/{len(specs)}", 0.5 + 0.5 * len(active) / max(1, len(specs)))
-            if len(active) >= len(specs):
+            say(f"donors registered: {len(donors)}/{len(specs)}, active: {len(active)}/{keep}",
+                0.5 + 0.5 * (len(active) + len(donors)) / max(1, keep + len(specs)))
+            if len(active) >= keep and len(donors) >= len(specs):
                 break
             dead = [d["name"] for d in record["donors"] if not alive(d["pid"])]
             if dead:

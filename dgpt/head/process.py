@@ -164,6 +164,20 @@ def _bootstrap(settings: Settings, paths: dict[str, Path]) -> None:
         resources={HEAD_RESOURCE: 0.01},
     ).remote(settings.model_dump_json())
     ray.get(registry.ping.remote(), timeout=120)
+    from autoscaler.loop import AUTOSCALER_NAME, AutoscalerActor
+
+    autoscaler = ray.remote(AutoscalerActor).options(  # type: ignore[attr-defined]
+        name=AUTOSCALER_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=-1,
+        max_concurrency=4,
+        num_cpus=0,
+        resources={HEAD_RESOURCE: 0.01},
+    ).remote(settings.model_dump_json())
+    ray.get(autoscaler.ping.remote(), timeout=120)
     serve.start(
         http_options={"host": settings.http_host, "port": settings.http_port, "location": "HeadOnly"},
     )

@@ -170,6 +170,32 @@ class RayAdapter:
             raise RayAdapterError(f"listing draining nodes failed: {exc}") from exc
         return {(k.hex() if hasattr(k, "hex") else str(k)): int(v) for k, v in raw.items()}
 
+    def announce_autoscaler(self) -> None:
+        """Tell Ray's clients an autoscaler v2 serves this cluster.
+
+        `ray.autoscaler.sdk.request_resources()` then sends its request to the GCS, where
+        :meth:`usage_and_demand` reads it (older clients write the v1 key, read too).
+        """
+        from ray._raylet import GCS_AUTOSCALER_STATE_NAMESPACE, GCS_AUTOSCALER_V2_ENABLED_KEY
+
+        try:
+            self._gcs.internal_kv_put(GCS_AUTOSCALER_V2_ENABLED_KEY.encode(), b"1", True,
+                                      GCS_AUTOSCALER_STATE_NAMESPACE.encode())
+        except Exception as exc:
+            raise RayAdapterError(f"announcing the autoscaler to the GCS failed: {exc}") from exc
+
+    def _v1_resource_request(self) -> list[DemandShape]:
+        import json
+
+        from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+
+        try:
+            raw = self._gcs.internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL, None)
+            bundles = json.loads(raw) if raw else []
+        except Exception:
+            return []  # absent or unreadable: no standing request
+        return [DemandShape({k: float(v) for k, v in b.items()}) for b in bundles if isinstance(b, dict)]
+
     def usage_and_demand(self) -> tuple[list[NodeUsage], ClusterDemand]:
         """Per-node usage and the cluster's unmet demand, from the GCS autoscaler state."""
         from ray.autoscaler.v2.sdk import get_cluster_resource_state
@@ -198,4 +224,5 @@ class RayAdapter:
         for c in state.cluster_resource_constraints:
             for r in c.resource_requests:
                 constraints.extend([_shape(r.request)] * max(1, r.count))
+        constraints.extend(self._v1_resource_request())
         return usage, ClusterDemand(shapes=shapes, gangs=gangs, constraints=constraints)

@@ -117,6 +117,26 @@ class RegistryCore:
         log.info("DrainNode %s deadline %.0fs: %s", node_id[:8], deadline_s, "accepted" if accepted else rejection)
         return accepted, rejection or "drain accepted"
 
+    def drain_idle(self, donor_id: str, reason: str, deadline_s: float) -> tuple[bool, str]:
+        """The autoscaler's scale-down: DrainNode(IDLE_TERMINATION), which Ray refuses for a busy node.
+
+        Accepted: the donor's target becomes standby and it drains (its session ends
+        ``drained``, reason ``autoscaler``). Refused: nothing changes; the donor stays.
+        """
+        from dgpt.head.ray_adapter import DRAIN_IDLE
+
+        donor = self.store.get_donor(donor_id, max_sessions=0)
+        if donor.state != "active" or not donor.node_id or self.adapter is None:
+            self.store.set_target(donor_id, "standby")
+            return True, f"not running ({donor.state}): target standby"
+        accepted, rejection = self.adapter.drain_node(
+            donor.node_id, DRAIN_IDLE, f"donor {donor_id} leaving (autoscaler: {reason})", deadline_s)
+        if accepted:
+            self.store.set_target(donor_id, "standby")
+            self.store.begin_leave(donor_id, "autoscaler", self.clock(), deadline_s)
+        log.info("autoscaler DrainNode %s: %s", donor_id, "accepted" if accepted else rejection)
+        return accepted, rejection or "drain accepted"
+
     # monitor ------------------------------------------------------------
 
     def tick(self) -> list[tuple[str, str]]:
@@ -190,6 +210,16 @@ class Registry:
 
     def set_target(self, donor_id: str, target: str) -> None:
         self.core.store.set_target(donor_id, target)
+
+    def drain_idle(self, donor_id: str, reason: str, deadline_s: float) -> tuple[bool, str]:
+        return self.core.drain_idle(donor_id, reason, deadline_s)
+
+    def placement_snapshot(self) -> Any:
+        """The running donors as a placement snapshot (``dgpt.placement.options`` reads it)."""
+        from dgpt.placement.live import snapshot_from
+
+        usage, _ = self.core.adapter.usage_and_demand()
+        return snapshot_from(self.core.store.list_donors(), usage, time.time())
 
     def create_token(self, kind: str, label: str) -> TokenView:
         return self.core.store.create_token(kind, label, time.time())

@@ -205,15 +205,20 @@ def options(
         PlacementError: an unknown kind or resource option, or a negative amount.
         InsufficientCapacity: no donor has room right now.
     """
-    return decide_options(
-        kind,
-        _resolve(snapshot),
-        horizon_s=horizon_s,
-        existing_owners=existing_owners,
-        label_selector=label_selector,
-        soft=soft,
-        **resources,
-    )
+    if snapshot is not None:
+        return decide_options(kind, snapshot, horizon_s=horizon_s, existing_owners=existing_owners,
+                              label_selector=label_selector, soft=soft, **resources)
+    from dgpt.placement import live  # lazy: talks to the running cluster
+
+    wk = WorkloadKind.parse(kind)
+    snap = live.current_snapshot()
+    if wk is WorkloadKind.INFERENCE and not existing_owners:
+        # Replicas placed by this process a moment ago are not in Ray's usage yet.
+        existing_owners = live.recent_owners(wk.value)
+    out = decide_options(wk, snap, horizon_s=horizon_s, existing_owners=existing_owners,
+                         label_selector=label_selector, soft=soft, **resources)
+    live.reserve(wk.value, out, snap)
+    return out
 
 
 def gang_args(

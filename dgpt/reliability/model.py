@@ -325,3 +325,25 @@ def pad_histories(
             ended[i, j] = session.ended
             valid[i, j] = True
     return durations, ended, valid
+
+
+#: Session end reasons that are dgpt's own choice, not the donor leaving: such sessions are
+#: censored (the donor lasted at least that long), not departures.
+NOT_DEPARTURES = frozenset({"autoscaler", "shutdown"})
+
+
+def history_from_records(
+    records: Iterable[tuple[float, float | None, str | None, str | None]], now_s: float
+) -> list[Session]:
+    """Sessions as the registry records them -> the model's history.
+
+    Args:
+        records: ``(started_at, ended_at or None, ended_as, end_reason)`` per session.
+        now_s: the clock, for the open session's length so far.
+    """
+    history = []
+    for started, ended, ended_as, reason in records:
+        end = ended if ended is not None else now_s
+        departed = ended is not None and (ended_as == "lost" or reason not in NOT_DEPARTURES)
+        history.append(Session(max(end - started, 1.0), departed))
+    return history

@@ -36,9 +36,11 @@ __all__ = [
     "ServeStatus",
     "delete",
     "deploy",
+    "deploy_config",
     "endpoint_rows",
     "load_config",
     "status",
+    "validate_config",
     "wait_deleted",
     "wait_running",
 ]
@@ -118,7 +120,6 @@ def load_config(path: Path) -> dict[str, Any]:
         ConfigError: the file is missing, is not YAML, or is not a Serve config; the
             message names the file and the offending field.
     """
-    from ray.serve.schema import ServeDeploySchema
 
     if not path.exists():
         raise ConfigError(f"Serve config {path} does not exist",
@@ -135,10 +136,24 @@ def load_config(path: Path) -> dict[str, Any]:
                           hint="fix the YAML syntax (indentation, colons, quotes)") from None
     except UnicodeDecodeError:
         raise ConfigError(f"Serve config {path} is not a text file") from None
+    return validate_config(raw, str(path))
+
+
+def validate_config(raw: Any, source: str = "the config") -> dict[str, Any]:
+    """Check a parsed Serve config against Ray's ``ServeDeploySchema``.
+
+    Returns:
+        The config as a JSON-able dict (only the fields it sets).
+
+    Raises:
+        ConfigError: it is not a Serve config; the message names ``source`` and the field.
+    """
+    from ray.serve.schema import ServeDeploySchema
+
     if not isinstance(raw, dict) or "applications" not in raw:
         got = type(raw).__name__ if not isinstance(raw, dict) else f"keys {sorted(raw)}"
         raise ConfigError(
-            f"{path} is not a Serve config: it needs a top-level `applications:` list (got {got})",
+            f"{source} is not a Serve config: it needs a top-level `applications:` list (got {got})",
             hint="see deployments/digits.yaml for the format (`serve build` writes one too)",
         )
     try:
@@ -148,10 +163,10 @@ def load_config(path: Path) -> dict[str, Any]:
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
             for err in exc.errors()[:5]
         )
-        raise ConfigError(f"{path} is not a valid Serve config: {problems}",
+        raise ConfigError(f"{source} is not a valid Serve config: {problems}",
                           hint="see deployments/digits.yaml for the format") from None
     if not schema.applications:
-        raise ConfigError(f"{path} lists no applications", hint="add at least one entry under `applications:`")
+        raise ConfigError(f"{source} lists no applications", hint="add at least one entry under `applications:`")
     return schema.model_dump(mode="json", exclude_unset=True)
 
 
@@ -261,11 +276,20 @@ def deploy(settings: Settings, path: Path) -> list[str]:
         ServeError: no head runs, a name clashes with an application started from Python,
             or Serve refused the config.
     """
-    config = load_config(path)
+    return deploy_config(settings, load_config(path), str(path))
+
+
+def deploy_config(settings: Settings, config: dict[str, Any], source: str = "the config") -> list[str]:
+    """``deploy`` for a config already in memory (a dict in the Serve config file format).
+
+    Raises:
+        ConfigError / ServeError: as ``deploy``.
+    """
+    config = validate_config(config, source)
     new_apps = config["applications"]
     names = [a.get("name", "default") for a in new_apps]
     if len(set(names)) != len(names):
-        raise ConfigError(f"{path} names an application twice: {names}")
+        raise ConfigError(f"{source} names an application twice: {names}")
     current = status(settings)
     for name in names:
         existing = current.app(name)

@@ -71,14 +71,16 @@ def _running_replica_donors(settings: Settings) -> list[str]:
     return [r.donor for d in _digits(settings).deployments for r in d.replicas if r.state == "RUNNING"]
 
 
-def _healthy(settings: Settings, avoid: str | None = None) -> bool:
-    """digits RUNNING with two RUNNING replicas on two donors (none on ``avoid``)."""
+def _healthy(settings: Settings, avoid_node: str | None = None) -> bool:
+    """digits RUNNING with two RUNNING replicas on two donors, none on node ``avoid_node``."""
     app = serve_deploy.status(settings).app("digits")
     if app is None or app.status != "RUNNING":
         return False
-    donors = [r.donor for d in app.deployments for r in d.replicas if r.state == "RUNNING"]
+    running = [r for d in app.deployments for r in d.replicas if r.state == "RUNNING"]
+    donors = [r.donor for r in running]
     names = set(_donors(settings))
-    return len(donors) >= 2 and len(set(donors)) == len(donors) and set(donors) <= names and avoid not in donors
+    return (len(donors) >= 2 and len(set(donors)) == len(donors) and set(donors) <= names
+            and all(r.node_id != avoid_node for r in running))
 
 
 def _agent_pid(settings: Settings, name: str) -> int | None:
@@ -231,6 +233,7 @@ def test_draining_a_donor_with_a_replica_fails_no_request(local_fabric: Settings
     wait_for(lambda: _healthy(local_fabric), 180, "digits with two RUNNING replicas")
     victim = sorted(_running_replica_donors(local_fabric))[0]
     sessions_before = len(_donors(local_fabric)[victim]["sessions"])
+    victim_node = _donors(local_fabric)[victim]["node_id"]
     loop = _load(digits, held_out)
     try:
         wait_for(lambda: loop.count() >= 50, 60, "load to get going")
@@ -241,7 +244,7 @@ def test_draining_a_donor_with_a_replica_fails_no_request(local_fabric: Settings
             sessions = _donors(local_fabric)[victim]["sessions"]
             return len(sessions) == sessions_before and sessions[-1]["ended_as"] == "drained"
         wait_for(drained, local_fabric.drain_deadline_s + 60, f"{victim} to drain")
-        wait_for(lambda: _healthy(local_fabric, avoid=victim), 180, "a replacement replica elsewhere")
+        wait_for(lambda: _healthy(local_fabric, avoid_node=victim_node), 180, "a replacement replica elsewhere")
         after = loop.count()
         wait_for(lambda: loop.count() >= after + 50, 60, "requests served after the drain")
     finally:
@@ -257,6 +260,7 @@ def test_killing_a_donors_raylet_loses_at_most_in_flight_requests(
         local_fabric: Settings, digits: str, held_out: tuple[list[list[float]], list[int]]) -> None:
     wait_for(lambda: _healthy(local_fabric), 180, "digits with two RUNNING replicas")
     victim = sorted(_running_replica_donors(local_fabric))[-1]
+    victim_node = _donors(local_fabric)[victim]["node_id"]
     pid = _agent_pid(local_fabric, victim)
     assert pid is not None
     raylets = [p for p in tree(pid) if p.name() == "raylet"]
@@ -270,7 +274,7 @@ def test_killing_a_donors_raylet_loses_at_most_in_flight_requests(
         # The endpoint answers again: a request sent after the kill succeeds.
         wait_for(lambda: any(s.ok and s.started_s > killed_at for s in loop.snapshot()),
                  ANSWER_AGAIN_WITHIN_S, "a request sent after the kill to succeed")
-        wait_for(lambda: _healthy(local_fabric, avoid=victim), FULL_CAPACITY_WITHIN_S,
+        wait_for(lambda: _healthy(local_fabric, avoid_node=victim_node), FULL_CAPACITY_WITHIN_S,
                  "a replacement replica on another donor (full capacity)")
         recovered_s = time.monotonic() - killed_at
         after = loop.count()

@@ -1,0 +1,132 @@
+"""Collecting one tick's frozen context from the registry's donors and Ray's usage and demand.
+
+Pure over its inputs: the loop fetches donors (registry) and usage/demand (the Ray adapter)
+and hands them here, so tests build contexts from plain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+
+from autoscaler.bounds import AutoscalerBounds
+from autoscaler.context import (
+    ActiveNode,
+    AutoscalerContext,
+    DonorProfile,
+    GangDemand,
+    ResourceShape,
+    StandbyDonor,
+)
+from dgpt.head.ray_adapter import ClusterDemand, DemandShape, NodeUsage
+from dgpt.reliability.model import WeibullParams, fit, history_from_records
+from dgpt.sdk.models import DonorView
+
+
+def donor_profile(d: DonorView) -> DonorProfile:
+    """What the autoscaler needs to know of a donor: its caps, speed, class, owner, labels."""
+    gpus = float(d.caps.gpus)
+    return DonorProfile(
+        cpus=float(d.caps.cpus),
+        memory_bytes=float(d.caps.memory_bytes),
+        gpus=gpus,
+        gpu_model=d.labels.get("dgpt.io/gpu") if gpus else None,
+        gflops=(d.profile.gpu_gflops if gpus and d.profile.gpu_gflops else d.profile.cpu_gflops) or 1.0,
+        device_class=d.device_class,
+        owner=d.owner,
+        labels=dict(d.labels),
+    )
+
+
+def reliability(d: DonorView, now_s: float) -> WeibullParams:
+    """The donor's uptime model from its recorded sessions and its device-class prior."""
+    records = [(s.started_at, s.ended_at, s.ended_as, s.end_reason) for s in d.sessions]
+    return fit(history_from_records(records, now_s), d.device_class).params
+
+
+def _open_session_start(d: DonorView, now_s: float) -> float:
+    open_ = [s for s in d.sessions if s.ended_at is None]
+    return open_[-1].started_at if open_ else now_s
+
+
+def _idle_since(d: DonorView) -> float:
+    """When the donor's current availability began: its last session's end, else registration."""
+    ended = [s.ended_at for s in d.sessions if s.ended_at is not None]
+    return max(ended) if ended else d.registered_at
+
+
+def _shape(s: DemandShape) -> ResourceShape:
+    return ResourceShape.from_mapping(s.resources, s.label_selector)
+
+
+def _apply_constraints(
+    constraints: Sequence[DemandShape], active: list[ActiveNode]
+) -> tuple[list[ResourceShape], list[ActiveNode]]:
+    """request_resources() bundles: the ones active donors' total capacity cannot hold (first
+    fit) become pending demand; donors that hold one count as busy, so none is drained away."""
+    live = [n for n in active if not n.draining]
+    room = {n.donor_id: [n.profile.cpus, n.profile.gpus, n.profile.memory_bytes] for n in live}
+    holding: set[str] = set()
+    missing = []
+    for c in sorted(constraints, key=lambda c: -c.resources.get("CPU", 0.0)):
+        shape = _shape(c)
+        for donor_id, r in room.items():
+            if shape.cpus <= r[0] + 1e-9 and shape.gpus <= r[1] + 1e-9 and shape.memory_bytes <= r[2] + 1e-9:
+                r[0] -= shape.cpus
+                r[1] -= shape.gpus
+                r[2] -= shape.memory_bytes
+                holding.add(donor_id)
+                break
+        else:
+            missing.append(shape)
+    pinned = [replace(n, idle_s=0.0) if n.donor_id in holding else n for n in active]
+    return missing, pinned
+
+
+def build_context(
+    donors: Iterable[DonorView],
+    usage: Iterable[NodeUsage],
+    demand: ClusterDemand,
+    bounds: AutoscalerBounds,
+    now_s: float,
+    heartbeat_timeout_s: float,
+) -> AutoscalerContext:
+    """One tick's frozen context.
+
+    Args:
+        donors: every registered donor (registry), with recent sessions.
+        usage: Ray's per-node resource state (nodes without a donor, like the head, are ignored).
+        demand: Ray's unmet demand: pending tasks/actors (Serve replicas and Train workers
+            waiting for a node are pending actors), placement groups, request_resources().
+        bounds: the autoscaler's limits.
+        now_s: the clock (epoch seconds, the registry's clock).
+        heartbeat_timeout_s: donors silent for longer are not counted as available.
+    """
+    by_node = {u.node_id: u for u in usage}
+    active: list[ActiveNode] = []
+    activating: list[StandbyDonor] = []
+    standby: list[StandbyDonor] = []
+    for d in donors:
+        fresh = d.last_heartbeat_at is not None and now_s - d.last_heartbeat_at <= heartbeat_timeout_s
+        profile = donor_profile(d)
+        params = reliability(d, now_s)
+        node = by_node.get(d.node_id or "")
+        target = d.stats.get("target", "standby")
+        if d.state in ("active", "draining") and node is not None and node.status != "DEAD":
+            active.append(ActiveNode(
+                donor_id=d.donor_id, profile=profile,
+                available=ResourceShape.from_mapping(node.available),
+                idle_s=node.idle_s, session_start_s=_open_session_start(d, now_s), reliability=params,
+                draining=d.state == "draining" or node.status == "DRAINING",
+            ))
+        elif not fresh or d.owner_active or d.state in ("gone", "draining"):
+            continue  # not available: silent, owner back, or on its way out
+        elif d.state == "activating" or (d.state in ("standby", "active") and target == "active"):
+            activating.append(StandbyDonor(d.donor_id, profile, _idle_since(d), params))
+        elif d.state in ("standby", "registered"):
+            standby.append(StandbyDonor(d.donor_id, profile, _idle_since(d), params))
+    unfit, active = _apply_constraints(demand.constraints, active)
+    pending = [_shape(s) for s in demand.shapes] + unfit
+    gangs = [GangDemand(tuple(_shape(b) for b in g.bundles), g.strategy) for g in demand.gangs]
+    return AutoscalerContext(now_s=now_s, bounds=bounds, pending=pending, pending_gangs=gangs,
+                             active=active, activating=activating, standby=standby)
