@@ -30,7 +30,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,9 +45,15 @@ RESULTS = Path(__file__).resolve().parent / "results" / "serve_router.json"
 DIGITS_YAML = Path(__file__).resolve().parents[1] / "deployments" / "digits.yaml"
 DEFAULT_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
 DGPT_ROUTER = "dgpt.serve.router:DonorAwareRouter"
-# A slow donor: 60 ms on a request that takes a few ms elsewhere, like a far-away or
-# overloaded device. The delay is a sleep, so it does not steal the host's two cores.
-SLOW_DELAY_MS = 60.0
+# A slow donor: 300 ms on a request that takes a few ms elsewhere, like a device on a slow,
+# far-away link. It is well above the p99 that CPU contention alone gives on a loaded 2-core
+# host (~150 ms), so the tail measures routing, not the host. The delay is a sleep: it does
+# not steal the host's cores.
+SLOW_DELAY_MS = 300.0
+# Clients at once. Throughput: enough to saturate the head's proxy. Tail latency: fewer, so
+# the proxy's own queueing does not hide where requests went.
+THROUGHPUT_CONCURRENCY = 8
+LATENCY_CONCURRENCY = 4
 # Ray health checks tolerant of a loaded 2-core host (as in tests/integration/conftest.py).
 RAY_ENV = {
     "RAY_AUTH_MODE": "token",
@@ -57,7 +62,9 @@ RAY_ENV = {
     "RAY_health_check_timeout_ms": "10000",
     "RAY_health_check_failure_threshold": "10",
 }
-FAST_DONOR_TIMINGS = {"heartbeat_interval_s": 1.0, "heartbeat_timeout_s": 12.0, "drain_deadline_s": 20.0,
+# The heartbeat timeout stays above drain deadline + raylet stop grace: a draining agent does not
+# heartbeat until its raylet has stopped, and must not be taken for lost meanwhile.
+FAST_DONOR_TIMINGS = {"heartbeat_interval_s": 1.0, "heartbeat_timeout_s": 60.0, "drain_deadline_s": 20.0,
                       "monitor_interval_s": 1.0}
 
 
@@ -113,8 +120,8 @@ def _bodies() -> tuple[list[dict[str, Any]], list[int]]:
 
 
 def measure(url: str, bodies: list[dict[str, Any]], duration_s: float, concurrency: int,
-            warmup: int = 0) -> dict[str, Any]:
-    """Closed-loop load on ``url`` for ``duration_s``; the summary of every request."""
+            warmup: int = 0) -> tuple[dict[str, Any], list[Any], float]:
+    """Closed-loop load on ``url`` for ``duration_s``: (summary, samples, measured seconds)."""
     from dgpt.serve.loadgen import LoadLoop, summarize
 
     if warmup:
@@ -123,30 +130,34 @@ def measure(url: str, bodies: list[dict[str, Any]], duration_s: float, concurren
     started = time.monotonic()
     time.sleep(duration_s)  # the measurement window itself, not synchronisation
     samples = loop.stop()
-    return summarize(samples, time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    return summarize(samples, elapsed), samples, elapsed
 
 
 def alternate(urls: dict[str, str], bodies: list[dict[str, Any]], rounds: int, round_s: float,
               concurrency: int) -> dict[str, Any]:
-    """Rounds alternating between the routers; per-router totals and per-round figures."""
-    per: dict[str, list[dict[str, Any]]] = {k: [] for k in urls}
+    """Rounds alternating between the routers (ABBA...); per-router figures over all rounds.
+
+    Throughput is every successful request over the summed measurement time; percentiles
+    are over every request of every round, so one noisy round weighs what its requests weigh.
+    """
+    from dgpt.serve.loadgen import summarize
+
+    rounds_out: dict[str, list[dict[str, Any]]] = {k: [] for k in urls}
+    pooled: dict[str, list[Any]] = {k: [] for k in urls}
+    seconds: dict[str, float] = {k: 0.0 for k in urls}
     for r in range(rounds):
         order = list(urls) if r % 2 == 0 else list(reversed(urls))
         for key in order:
-            fig = measure(urls[key], bodies, round_s, concurrency, warmup=concurrency * 10)
-            per[key].append(fig)
+            fig, samples, elapsed = measure(urls[key], bodies, round_s, concurrency, warmup=concurrency * 10)
+            rounds_out[key].append(fig)
+            pooled[key] += samples
+            seconds[key] += elapsed
             _say(f"  round {r + 1}/{rounds} {key}: {fig['throughput_rps']:.0f} rps, p50 {fig['p50_ms']:.1f} ms, "
                  f"p99 {fig['p99_ms']:.1f} ms, failed {fig['failed_requests']}")
     out: dict[str, Any] = {}
-    for key, figs in per.items():
-        out[key] = {
-            "throughput_rps": round(statistics.median(f["throughput_rps"] for f in figs), 2),
-            "p50_ms": round(statistics.median(f["p50_ms"] for f in figs), 2),
-            "p99_ms": round(statistics.median(f["p99_ms"] for f in figs), 2),
-            "requests": sum(f["requests"] for f in figs),
-            "failed_requests": sum(f["failed_requests"] for f in figs),
-            "rounds": figs,
-        }
+    for key in urls:
+        out[key] = {**summarize(pooled[key], seconds[key]), "rounds": rounds_out[key]}
     return out
 
 
@@ -194,7 +205,7 @@ def floor_step(bodies: list[dict[str, Any]], duration_s: float, concurrency: int
     try:
         url = f"http://127.0.0.1:{port}/predict"
         _wait(lambda: httpx.post(url, json=bodies[0], timeout=5).status_code == 200, 120, "the uvicorn floor app")
-        return measure(url, bodies, duration_s, concurrency, warmup=concurrency * 10)
+        return measure(url, bodies, duration_s, concurrency, warmup=concurrency * 10)[0]
     finally:
         stop_tree(proc.pid, grace_s=10)
 
@@ -287,7 +298,7 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     from dgpt.serve import deploy as sd
 
     rounds, round_s, floor_s = (2, 8.0, 8.0) if quick else (4, 20.0, 20.0)
-    concurrency = 8
+    concurrency = THROUGHPUT_CONCURRENCY
     home = Path(tempfile.mkdtemp(prefix="dgpt-bench-"))
     settings = load_settings({"home": home, "ray_port": free_port(), "dashboard_port": free_port(),
                               "http_port": free_port(), "node_ip": "127.0.0.1", "http_host": "127.0.0.1",
@@ -314,6 +325,7 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         homo = alternate(urls, bodies, rounds, round_s, concurrency)
         homo["throughput_ratio"] = round(homo["dgpt"]["throughput_rps"] / homo["default"]["throughput_rps"], 3)
         homo["p99_ratio"] = round(homo["dgpt"]["p99_ms"] / homo["default"]["p99_ms"], 3)
+        homo["concurrency"] = concurrency
         result["homogeneous"] = homo
         _say(f"  throughput ratio dgpt/default: {homo['throughput_ratio']}")
 
@@ -322,11 +334,12 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         _say(f"heterogeneous: the replica on {slow_donor} adds {SLOW_DELAY_MS:g} ms to every request")
         names = sd.deploy_config(settings, bench_config([slow_node], SLOW_DELAY_MS, 3), "bench")
         _wait(lambda: all(_app_healthy(settings, n, 3) for n in names), 400, "the slowed apps")
-        hetero = alternate(urls, bodies, rounds, round_s, concurrency)
+        hetero = alternate(urls, bodies, rounds, round_s, LATENCY_CONCURRENCY)
         hetero["p99_ratio"] = round(hetero["dgpt"]["p99_ms"] / hetero["default"]["p99_ms"], 3)
         hetero["throughput_ratio"] = round(hetero["dgpt"]["throughput_rps"] / hetero["default"]["throughput_rps"], 3)
         hetero["slow_donor"] = slow_donor
         hetero["slow_delay_ms"] = SLOW_DELAY_MS
+        hetero["concurrency"] = LATENCY_CONCURRENCY
         result["heterogeneous"] = hetero
         _say(f"  p99 ratio dgpt/default: {hetero['p99_ratio']}")
 
@@ -337,13 +350,13 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         names = sd.deploy(settings, DIGITS_YAML)
         sd.wait_running(settings, names, timeout_s=400)
         _wait(lambda: _app_healthy(settings, "digits", 2), 240, "digits with two replicas")
-        result["drain"] = drain_step(settings, bodies, labels, concurrency)
+        result["drain"] = drain_step(settings, bodies, labels, LATENCY_CONCURRENCY)
         _say(f"  drain: {result['drain']['failed_requests']} of {result['drain']['requests']} requests failed")
 
         _wait(lambda: len(_donor_nodes(settings)) == 3, 240, "the paused donor back")
         _wait(lambda: _app_healthy(settings, "digits", 2), 240, "digits with two replicas")
         _say("kill: SIGKILL of a donor's raylet under load")
-        result["kill"] = kill_step(settings, bodies, concurrency)
+        result["kill"] = kill_step(settings, bodies, LATENCY_CONCURRENCY)
         _say(f"  kill: {result['kill']['failed_requests']} of {result['kill']['requests']} failed; "
              f"answering again after {result['kill']['answered_again_s']}s, full capacity after "
              f"{result['kill']['recovery_s']}s")

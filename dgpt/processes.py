@@ -18,9 +18,27 @@ from pathlib import Path
 import psutil
 
 
+# Ports dgpt picks for its own listeners: above Ray's worker ports (10002-19999) and below
+# Linux's ephemeral range (32768+), which the OS hands to every outgoing connection and to
+# every "port 0" bind. A port chosen there can be taken by anyone before its server binds it;
+# here only another free_port() caller can collide, and a random pick makes that rare.
+_PORT_RANGE = (20000, 32767)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port that is free right now, outside the OS's ephemeral range."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(*_PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            if not port_in_use(port, host):
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded range: let the OS pick
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

@@ -84,19 +84,23 @@ def start_donor(settings: Settings, spec: DonorSpec) -> int:
 
 
 def up(settings: Settings, n_donors: int, progress: Callable[[str, float], None] | None = None,
-       timeout_s: float = 300.0, min_active: int | None = None) -> dict[str, Any]:
+       timeout_s: float = 300.0, min_active: int | None = None,
+       specs: list[DonorSpec] | None = None) -> dict[str, Any]:
     """Start a head and ``n_donors`` simulated donors; return once they have joined.
 
     Args:
         min_active: donors the autoscaler keeps active (its ``min_active`` bound); the others
             wait in standby until demand needs them. Default: all of them.
+        specs: the donors' caps and identities (default: :func:`donor_specs`).
 
     Raises:
         FabricError: a fabric already runs for this DGPT_HOME, a bound is invalid, or it did
             not come up in time.
     """
     say = progress or (lambda msg, frac: None)
-    specs = donor_specs(n_donors)
+    specs = specs if specs is not None else donor_specs(n_donors)
+    if len(specs) != n_donors:
+        raise FabricError(f"{len(specs)} donor specs given for --donors {n_donors}")
     keep = n_donors if min_active is None else min_active
     if not 0 <= keep <= n_donors:
         raise FabricError(f"--min-active {keep} must be between 0 and --donors ({n_donors})")

@@ -204,11 +204,13 @@ def _node_names(settings: Settings) -> dict[str, str]:
     from dgpt.exceptions import DgptError
     from dgpt.head.fabric import api_client
 
+    client = api_client(settings)
     try:
-        with api_client(settings) as client:
-            return {d.node_id: d.name for d in client.donors() if d.node_id}
+        return {d.node_id: d.name for d in client.donors() if d.node_id}
     except DgptError:
         return {}
+    finally:
+        client.close()
 
 
 def _parse(details: dict[str, Any], names: dict[str, str], head_node_id: str | None) -> ServeStatus:

