@@ -62,25 +62,34 @@ def _shape(s: DemandShape) -> ResourceShape:
 def _apply_constraints(
     constraints: Sequence[DemandShape], active: list[ActiveNode]
 ) -> tuple[list[ResourceShape], list[ActiveNode]]:
-    """request_resources() bundles: the ones active donors' total capacity cannot hold (first
-    fit) become pending demand; donors that hold one count as busy, so none is drained away."""
-    live = [n for n in active if not n.draining]
-    room = {n.donor_id: [n.profile.cpus, n.profile.gpus, n.profile.memory_bytes] for n in live}
-    holding: set[str] = set()
+    """request_resources() bundles reserve capacity: each goes onto an active donor's total
+    capacity (first fit), which then counts as used (and busy, so it is not drained); the
+    bundles that fit nowhere become pending demand."""
+    live = {n.donor_id for n in active if not n.draining}
+    room = {n.donor_id: [n.profile.cpus, n.profile.gpus, n.profile.memory_bytes] for n in active if n.donor_id in live}
+    taken: dict[str, list[float]] = {}
     missing = []
     for c in sorted(constraints, key=lambda c: -c.resources.get("CPU", 0.0)):
         shape = _shape(c)
+        need = [shape.cpus, shape.gpus, shape.memory_bytes]
         for donor_id, r in room.items():
-            if shape.cpus <= r[0] + 1e-9 and shape.gpus <= r[1] + 1e-9 and shape.memory_bytes <= r[2] + 1e-9:
-                r[0] -= shape.cpus
-                r[1] -= shape.gpus
-                r[2] -= shape.memory_bytes
-                holding.add(donor_id)
+            if all(n <= have + 1e-9 for n, have in zip(need, r, strict=True)):
+                room[donor_id] = [have - n for n, have in zip(need, r, strict=True)]
+                got = taken.setdefault(donor_id, [0.0, 0.0, 0.0])
+                taken[donor_id] = [g + n for g, n in zip(got, need, strict=True)]
                 break
         else:
             missing.append(shape)
-    pinned = [replace(n, idle_s=0.0) if n.donor_id in holding else n for n in active]
-    return missing, pinned
+    out = []
+    for n in active:
+        if n.donor_id in taken:
+            cpus, gpus, mem = taken[n.donor_id]
+            free = n.available
+            n = replace(n, idle_s=0.0, available=ResourceShape(
+                max(0.0, free.cpus - cpus), max(0.0, free.gpus - gpus), max(0.0, free.memory_bytes - mem),
+                free.label_selector))
+        out.append(n)
+    return missing, out
 
 
 def build_context(

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import psutil
 
-
 # Ports dgpt picks for its own listeners: above Ray's worker ports (10002-19999) and below
 # Linux's ephemeral range (32768+), which the OS hands to every outgoing connection and to
 # every "port 0" bind. A port chosen there can be taken by anyone before its server binds it;

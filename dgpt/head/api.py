@@ -30,7 +30,7 @@ from dgpt.sdk.models import (
     LeaveResponse,
     RegisterRequest,
     RegisterResponse,
-    SessionView,
+    SessionImport,
     TokenCreateRequest,
     TokenView,
 )
@@ -205,11 +205,10 @@ class ControlPlane:
         return await self._call("drain_donor", donor_id, req.reason, req.deadline_s or self.settings.drain_deadline_s)
 
     @app.post("/v1/donors/{donor_id}/sessions", status_code=201)
-    async def import_session(self, donor_id: str, session: SessionView, authorization: str | None = Header(None)) -> dict[str, str]:
+    async def import_session(self, donor_id: str, session: SessionImport,
+                             authorization: str | None = Header(None)) -> dict[str, str]:
         """Import a finished session (history from elsewhere); seeds reliability."""
         await self._require_key(authorization)
-        if session.ended_at is None or session.ended_as is None:
-            raise ApiError("ended_at and ended_as are required for an imported session", 422)
         await self._call("record_session", donor_id, session.started_at, session.ended_at, session.ended_as)
         return {"status": "recorded"}
 

@@ -22,7 +22,7 @@ from dgpt.sdk.models import (
     LeaveResponse,
     RegisterRequest,
     RegisterResponse,
-    SessionView,
+    SessionImport,
     TokenCreateRequest,
     TokenView,
 )
@@ -108,7 +108,7 @@ class Client(_Http):
         return LeaveResponse.model_validate(self._request("POST", f"/donors/{donor_id}/drain", self.api_key, body).json())
 
     def import_session(self, donor_id: str, started_at: float, ended_at: float, ended_as: str) -> None:
-        body = SessionView(session_id=0, node_id=None, started_at=started_at, ended_at=ended_at, ended_as=ended_as)  # type: ignore[arg-type]
+        body = SessionImport(started_at=started_at, ended_at=ended_at, ended_as=ended_as)  # type: ignore[arg-type]
         self._request("POST", f"/donors/{donor_id}/sessions", self.api_key, body)
 
     def cluster(self) -> ClusterView:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PAYLOAD_VERSION = 1
 
@@ -185,6 +185,20 @@ class SessionView(_Model):
     ended_at: float | None = None
     ended_as: SessionEnd | None = None
     end_reason: str | None = None
+
+
+class SessionImport(_Strict):
+    """A finished session recorded elsewhere (history a donor brings): it seeds reliability."""
+
+    started_at: float = Field(..., ge=0)
+    ended_at: float = Field(..., ge=0)
+    ended_as: SessionEnd
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SessionImport:
+        if self.ended_at < self.started_at:
+            raise ValueError(f"ended_at ({self.ended_at}) is before started_at ({self.started_at})")
+        return self
 
 
 class DonorView(_Model):

@@ -187,6 +187,10 @@ def test_deploy_status_and_a_real_prediction(local_fabric: Settings, digits: str
         f"replicas on donors only, at most one per donor: {per_donor}"
     assert all(n == 1 for n in per_donor.values())
 
+    table = _serve(local_fabric, "status")
+    assert table.exit_code == 0, table.output
+    assert "digits" in table.output and "/digits" in table.output and "RUNNING" in table.output
+
     rows = {r["app"]: r for r in serve_deploy.endpoint_rows(local_fabric)}
     assert rows["digits"]["url"] == f"{local_fabric.local_head_url}/digits"
     assert rows["digits"]["replicas"] == per_donor

@@ -65,9 +65,9 @@ def test_context_carries_pending_shapes_gangs_and_unmet_constraints() -> None:
     ctx = build_context(donors, [_usage("n-a", 2.0, idle_s=500)], demand, BOUNDS, NOW, 30.0)
     assert ctx.pending[0].cpus == 1.0 and dict(ctx.pending[0].label_selector) == {"zone": "eu"}
     assert ctx.pending_gangs[0].strategy == "STRICT_SPREAD" and len(ctx.pending_gangs[0].bundles) == 2
-    # One 2-CPU constraint fits on donor a (which then counts as busy), the other is demand.
+    # One 2-CPU constraint holds donor a (busy, its CPUs reserved), the other is demand.
     assert [p.cpus for p in ctx.pending[1:]] == [2.0]
-    assert ctx.active[0].idle_s == 0.0
+    assert ctx.active[0].idle_s == 0.0 and ctx.active[0].available.cpus == 0.0
 
 
 def test_autoscaler_drains_are_not_departures_for_reliability() -> None:

@@ -45,6 +45,8 @@ def _dgpt(*args: str, home, **env: str) -> subprocess.CompletedProcess[str]:
         (["job", "submit", "--runtime-env-json", "[1]", "--", "python", "x.py"], {}, "--runtime-env-json"),
         (["donor", "pause", "--donor-id", "ghost"], {}, "no donor 'ghost'"),
         (["up", "--donors", "99"], {}, "--donors"),
+        (["up", "--donors", "2", "--min-active", "3"], {}, "--min-active 3 must be between 0 and --donors (2)"),
+        (["env"], {"DGPT_MIN_ACTIVE_DONORS": "9", "DGPT_MAX_ACTIVE_DONORS": "3"}, "min_active_donors (9)"),
     ],
 )
 def test_bad_input_names_the_culprit(tmp_path, args, env, needle) -> None:
