@@ -141,43 +141,37 @@ def ray_head_argv(settings: Settings) -> list[str]:
     ]
 
 
+def _start_head_actor(cls: type, name: str, settings: Settings, max_concurrency: int) -> None:
+    """A detached, restartable actor pinned to the head; returns once it answers ``ping``."""
+    import ray
+
+    actor = ray.remote(cls).options(  # type: ignore[attr-defined]
+        name=name,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=-1,
+        max_concurrency=max_concurrency,
+        num_cpus=0,
+        resources={HEAD_RESOURCE: 0.01},
+    ).remote(settings.model_dump_json())
+    ray.get(actor.ping.remote(), timeout=120)
+
+
 def _bootstrap(settings: Settings, paths: dict[str, Path]) -> None:
-    """Registry actor and control-plane app, on a running Ray head."""
+    """Registry and autoscaler actors and the control-plane app, on a running Ray head."""
     import ray
     from ray import serve
 
+    from autoscaler.loop import AUTOSCALER_NAME, AutoscalerActor
     from dgpt.head.api import build
     from dgpt.head.registry import Registry
 
     gcs = f"{settings.node_ip or '127.0.0.1'}:{settings.ray_port}"
     ray.init(address=gcs, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
-    registry_cls = ray.remote(Registry)
-    registry = registry_cls.options(  # type: ignore[attr-defined]
-        name=REGISTRY_NAME,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        max_restarts=-1,
-        max_task_retries=-1,
-        max_concurrency=16,
-        num_cpus=0,
-        resources={HEAD_RESOURCE: 0.01},
-    ).remote(settings.model_dump_json())
-    ray.get(registry.ping.remote(), timeout=120)
-    from autoscaler.loop import AUTOSCALER_NAME, AutoscalerActor
-
-    autoscaler = ray.remote(AutoscalerActor).options(  # type: ignore[attr-defined]
-        name=AUTOSCALER_NAME,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        max_restarts=-1,
-        max_task_retries=-1,
-        max_concurrency=4,
-        num_cpus=0,
-        resources={HEAD_RESOURCE: 0.01},
-    ).remote(settings.model_dump_json())
-    ray.get(autoscaler.ping.remote(), timeout=120)
+    _start_head_actor(Registry, REGISTRY_NAME, settings, max_concurrency=16)
+    _start_head_actor(AutoscalerActor, AUTOSCALER_NAME, settings, max_concurrency=4)
     serve.start(
         http_options={"host": settings.http_host, "port": settings.http_port, "location": "HeadOnly"},
     )

@@ -33,6 +33,10 @@ log = logging.getLogger("dgpt.registry")
 REGISTRY_NAME = "registry"
 NAMESPACE = "dgpt"
 HEAD_RESOURCE = "dgpt_head"
+# Serve routers rank replicas by P(their donor stays this long): a request's horizon is short,
+# but a replica that leaves costs its in-flight requests and a cold replacement.
+RELIABILITY_HORIZON_S = 3600.0
+NODE_STATES_TTL_S = 2.0
 
 
 def head_paths(home: Path) -> dict[str, Path]:
@@ -60,6 +64,8 @@ class RegistryCore:
         self.adapter = adapter
         self.clock = clock
         self.last_changes: list[tuple[float, str, str]] = []
+        self._reliability: dict[str, float] = {}
+        self._reliability_at = float("-inf")
         api_key = self.paths["api_key"]
         if api_key.is_file():
             self.store.ensure_token("api", api_key.read_text().strip(), "head bootstrap key", clock())
@@ -136,6 +142,32 @@ class RegistryCore:
             self.store.begin_leave(donor_id, "autoscaler", self.clock(), deadline_s)
         log.info("autoscaler DrainNode %s: %s", donor_id, "accepted" if accepted else rejection)
         return accepted, rejection or "drain accepted"
+
+    def node_states(self) -> dict[str, dict[str, Any]]:
+        """Running donors' nodes with state and P(stays the next hour).
+
+        States are read fresh (a draining donor must leave the routers' rotation at once);
+        reliability, which moves slowly, is refitted every few seconds, since every Serve
+        router asks about once a second.
+        """
+        now = self.clock()
+        states = self.store.node_states()
+        if now - self._reliability_at > NODE_STATES_TTL_S:
+            from dgpt.reliability.model import fit, history_from_records
+
+            fresh = {}
+            for d in self.store.list_donors():
+                if not d.node_id:
+                    continue
+                records = [(s.started_at, s.ended_at, s.ended_as, s.end_reason) for s in d.sessions]
+                up_s = now - next((s.started_at for s in reversed(d.sessions) if s.ended_at is None), now)
+                params = fit(history_from_records(records, now), d.device_class).params
+                fresh[d.donor_id] = round(params.p_stay(up_s, RELIABILITY_HORIZON_S), 4)
+            self._reliability, self._reliability_at = fresh, now
+        for entry in states.values():
+            if entry["donor_id"] in self._reliability:
+                entry["reliability"] = self._reliability[entry["donor_id"]]
+        return states
 
     # monitor ------------------------------------------------------------
 
@@ -231,7 +263,8 @@ class Registry:
         self.core.store.revoke_token(token_id, time.time())
 
     def node_states(self) -> dict[str, dict[str, Any]]:
-        return self.core.store.node_states()
+        """node_id -> {donor_id, state, reliability}: what Serve's request routers rank by."""
+        return self.core.node_states()
 
     def counts(self) -> dict[str, int]:
         return self.core.store.counts()
