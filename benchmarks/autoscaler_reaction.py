@@ -7,7 +7,7 @@ Side by side in one run, on this machine:
 - **dgpt**: `dgpt up --donors 2 --min-active 0` (every donor in standby, each its own agent);
   a driver starts one 1-CPU actor per step; dgpt's autoscaler activates a standby donor, whose agent
   starts its raylet, and the task runs there.
-- **Ray**: Ray's own autoscaler (v1 monitor, its default 5 s update interval) with the fake
+- **Ray**: Ray's own autoscaler (v2, its default 5 s update interval) with the fake
   multi-node provider, which starts local 1-CPU raylets (`ray.cluster_utils.
   AutoscalingCluster` does this, but calls `ray stop`, which would kill every Ray process on
   the host; this benchmark starts and stops its cluster by pid instead). Same task.
@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+# The fake provider's id for the head node (ray.autoscaler._private.fake_multi_node).
+FAKE_HEAD_NODE_ID = "f" * 51 + "00000"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "autoscaler_reaction.json"
 # dgpt's heartbeat interval in this run: activation reaches a donor on its next heartbeat.
@@ -116,6 +118,10 @@ def _ray_config(gcs: str, workers: int) -> dict[str, Any]:
             "disable_launch_config_check": True,
             "disable_node_updaters": True,
             "foreground_node_launch": True,
+            # Autoscaler v2 tells nodes apart by cloud instance id, as AutoscalingCluster(
+            # autoscaler_v2=True) sets it up; v1 matches by IP, which local nodes share.
+            "launch_multiple": True,
+            "head_node_id": FAKE_HEAD_NODE_ID,
         },
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": {
@@ -137,7 +143,8 @@ def _stop_cluster(marker: str) -> None:
 
     from dgpt.processes import stop_tree
 
-    procs = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    procs = [p for p in psutil.process_iter(["cmdline"])
+             if p.pid != os.getpid() and marker in " ".join(p.info["cmdline"] or [])]
     for p in procs:
         stop_tree(p.pid, grace_s=10)
 
@@ -153,6 +160,8 @@ def run_ray(trials: int) -> dict[str, Any]:
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     env.pop("AUTOSCALER_UPDATE_INTERVAL_S", None)  # Ray's default loop: 5 s
+    env.update({"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+                "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID})
     os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     import ray  # after the auth settings: Ray reads them when first imported
@@ -172,7 +181,7 @@ def run_ray(trials: int) -> dict[str, Any]:
 
         reactions = _step(trials, workers)
         ray.shutdown()
-        return {"reaction_s": reactions, "autoscaler_update_interval_s": 5.0}
+        return {"reaction_s": reactions, "autoscaler": "v2", "autoscaler_update_interval_s": 5.0}
     finally:
         _stop_cluster(str(temp))
 

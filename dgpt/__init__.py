@@ -5,10 +5,12 @@
 
 from dgpt.config import Settings, load_settings
 from dgpt.exceptions import DgptError
+from dgpt.sdk.client import Client
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Client",
     "DgptError",
     "Settings",
     "__version__",

@@ -80,18 +80,22 @@ def run_demo(settings: Settings, n_donors: int, console: Console) -> int:
         console.print(f"[bold]1/4[/] dgpt up: a head and {n_donors} simulated donors, each its own raylet")
         with stage_progress(console, "bringing the fabric up") as say:
             fabric.up(settings, n_donors, progress=say)
-        console.print("[bold]2/4[/] ray job submit: torch training tasks on every donor; "
+        console.print("[bold]2/5[/] ray job submit: torch training tasks on every donor; "
                       f"{PAUSED_DONOR}'s owner comes back mid-job")
         with stage_progress(console, "submitting the job") as say:
             outcome = _run_job(settings, say, console)
-        console.print("[bold]3/4[/] summary")
+        console.print("[bold]3/5[/] inference: the digits classifier on donors, over HTTP")
+        from dgpt.cli.demo_serve import run_inference_step
+
+        outcome["serve"] = run_inference_step(settings, console)
+        console.print("[bold]4/5[/] summary")
         _print_summary(settings, outcome, console)
         ok = _verdict(outcome, console)
     except DgptError as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         ok = False
     finally:
-        console.print("[bold]4/4[/] dgpt down: draining donors, stopping the head")
+        console.print("[bold]5/5[/] dgpt down: draining donors, stopping the head")
         with stage_progress(console, "stopping") as say:
             fabric.down(settings, progress=say)
     console.print(f"demo {'finished' if ok else 'FAILED'} in {time.monotonic() - started:.0f}s; "
@@ -183,6 +187,8 @@ def _verdict(outcome: dict[str, Any], console: Console) -> bool:
         f"{PAUSED_DONOR}'s session ended drained": bool(paused.sessions) and paused.sessions[-1].ended_as == "drained",
         "the job went on without it": any(t["finished_at"] > paused_at and t["donor_id"] != paused.donor_id
                                           for t in job.tasks),
+        "inference answered every request": outcome["serve"]["failed_requests"] == 0,
+        "predictions are real (>90% right on held-out digits)": outcome["serve"]["accuracy"] > 0.9,
     }
     for name, held in checks.items():
         console.print(f"  {'[green]ok[/]' if held else '[red]NO[/]'}  {name}")

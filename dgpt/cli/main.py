@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dgpt.cli.progress import stage_progress
+from dgpt.cli.serve import serve_app
 from dgpt.config import Settings, load_settings
 from dgpt.exceptions import ConfigError, DgptError, DonorError
 
@@ -31,6 +32,7 @@ app.add_typer(head_app, name="head")
 app.add_typer(donor_app, name="donor")
 app.add_typer(job_app, name="job")
 app.add_typer(token_app, name="token")
+app.add_typer(serve_app, name="serve")
 
 HomeOpt = typer.Option(None, "--home", help="State folder (default $DGPT_HOME or ~/.dgpt).")
 
@@ -123,6 +125,7 @@ def status(
         ],
     }
     data["autoscaler"] = cluster.autoscaler
+    data["endpoints"] = _endpoints(settings)
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -138,7 +141,33 @@ def status(
             f"{d.profile.cpu_gflops:.0f}", f"{len(d.sessions)} ({', '.join(ended) or 'open'})",
         )
     console.print(table)
+    _print_endpoints(data["endpoints"])
     _print_autoscaler(cluster.autoscaler)
+
+
+def _endpoints(settings: Settings) -> list[dict[str, Any]] | dict[str, str]:
+    """Serve apps with their replicas per donor, or why they could not be listed."""
+    from dgpt.exceptions import ServeError
+    from dgpt.serve.deploy import endpoint_rows
+
+    try:
+        return endpoint_rows(settings)
+    except ServeError as exc:
+        return {"error": exc.message}
+
+
+def _print_endpoints(endpoints: list[dict[str, Any]] | dict[str, str]) -> None:
+    if isinstance(endpoints, dict):
+        console.print(f"[yellow]endpoints: {endpoints['error']}[/]")
+        return
+    if not endpoints:
+        console.print("endpoints: none (deploy one with `dgpt serve deploy deployments/digits.yaml`)")
+        return
+    table = Table("app", "route", "status", "replicas per donor", title="endpoints")
+    for e in endpoints:
+        table.add_row(e["app"], e["route"] or "-", e["status"],
+                      " ".join(f"{d}:{n}" for d, n in e["replicas"].items()) or "-")
+    console.print(table)
 
 
 def _print_autoscaler(status: dict[str, Any]) -> None:

@@ -318,11 +318,16 @@ class DonorAgent:
         # Work gets until the deadline to finish or move (Serve starts replacements first);
         # once the node has run nothing for IDLE_POLLS_TO_STOP polls it stops early.
         idle_polls = 0
+        next_beat = time.monotonic() + self.heartbeat_interval_s
         while time.monotonic() < deadline and self._raylet_pid() is not None and self.ray_running():
             idle_polls = 0 if self._node_busy() else idle_polls + 1
             if idle_polls >= IDLE_POLLS_TO_STOP:
                 log.info("node idle: stopping the raylet before the deadline")
                 break
+            if time.monotonic() >= next_beat:
+                # A long drain must not look like a vanished donor: keep heartbeating.
+                self._heartbeat_now()
+                next_beat = time.monotonic() + self.heartbeat_interval_s
             time.sleep(POLL_S)
         self.stop_ray(grace_s=min(30.0, deadline_s + 5))
         self._heartbeat_now()
