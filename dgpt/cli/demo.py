@@ -77,7 +77,7 @@ def run_demo(settings: Settings, n_donors: int, console: Console) -> int:
     os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
     started = time.monotonic()
     try:
-        console.print(f"[bold]1/4[/] dgpt up: a head and {n_donors} simulated donors, each its own raylet")
+        console.print(f"[bold]1/5[/] dgpt up: a head and {n_donors} simulated donors, each its own raylet")
         with stage_progress(console, "bringing the fabric up") as say:
             fabric.up(settings, n_donors, progress=say)
         console.print("[bold]2/5[/] ray job submit: torch training tasks on every donor; "
