@@ -114,6 +114,8 @@ class DonorAgent:
         self._start_lock: int | None = None
         self._pending_join: RayJoin | None = None
         self._crashes = 0  # raylets that died soon after starting, in a row
+        self._raylet_missing = 0
+        self._next_raylet_check = 0.0
         self._retry_after = 0.0
         self._stop = threading.Event()
         self._stop_reason = "sigterm"
@@ -168,6 +170,15 @@ class DonorAgent:
             except Exception:
                 continue
         return None
+
+    def _raylet_gone(self) -> bool:
+        """True once an active donor's raylet has been missing for a second (checked each second)."""
+        now = time.monotonic()
+        if self.state != "active" or now < self._next_raylet_check:
+            return False
+        self._next_raylet_check = now + 1.0
+        self._raylet_missing = 0 if self._raylet_pid() is not None else self._raylet_missing + 1
+        return self._raylet_missing >= 2
 
     def _node_busy(self) -> bool:
         """Whether a task or actor still runs on this donor's raylet (Ray titles worker processes)."""
@@ -273,6 +284,7 @@ class DonorAgent:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         self._ray_started.clear()
         self._ray_started_at = time.monotonic()
+        self._raylet_missing = 0
         self._ray = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             preexec_fn=_die_with_parent, start_new_session=True,
@@ -399,6 +411,11 @@ class DonorAgent:
                     log.info("owner is back: %s", self._owner_reason)
                     self.drain(kind)
                     next_beat = 0.0
+                if self._ray is not None and self._ray.poll() is None and self._raylet_gone():
+                    # A raylet that Ray drained (IDLE_TERMINATION) exits cleanly, and
+                    # `ray start --block` does not report clean exits: it lingers without one.
+                    log.info("raylet exited (drained by Ray); stopping `ray start`")
+                    stop_tree(self._ray.pid, grace_s=10)
                 if self._ray is not None and self._ray.poll() is not None:
                     self._raylet_exited(self._ray.returncode)
                     self._ray = None

@@ -128,6 +128,8 @@ print(json.dumps("requested"))
 def test_request_resources_activates_donors(fabric_k1: Settings, client: Client) -> None:
     _driver(fabric_k1, _REQUEST_ALL)
     wait_for(lambda: len(_active(client)) == 3, 120, "request_resources() to activate every donor")
+    reasons = [a["reason"] for a in client.cluster().autoscaler["recent"] if a["action"] == "activate"]
+    assert any("pending demand" in r for r in reasons[-2:]), reasons
 
 
 _INFERENCE = """
