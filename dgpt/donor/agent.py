@@ -237,7 +237,10 @@ class DonorAgent:
         self._release_start_lock()
         if self.state == "draining":
             return
-        if ran_s < 60:
+        if code == 0:
+            self._crashes = 0
+            log.info("raylet stopped cleanly after %.0fs", ran_s)
+        elif ran_s < 60:
             self._crashes += 1
             wait_s = min(60.0, 2.0**self._crashes)
             self._retry_after = time.monotonic() + wait_s
