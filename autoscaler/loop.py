@@ -92,6 +92,7 @@ class AutoscalerActor:
         from dgpt.config import Settings
         from dgpt.head.ray_adapter import RayAdapter
         from dgpt.head.registry import NAMESPACE, REGISTRY_NAME
+        from dgpt.sdk.models import DonorView
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         settings = Settings.model_validate_json(settings_json)
@@ -114,10 +115,11 @@ class AutoscalerActor:
                 ray.get(registry.set_target.remote(donor_id, target), timeout=30)
 
             def drain_idle(self, donor_id: str, reason: str, deadline_s: float) -> tuple[bool, str]:
-                return ray.get(registry.drain_idle.remote(donor_id, reason, deadline_s), timeout=60)
+                answer: Any = ray.get(registry.drain_idle.remote(donor_id, reason, deadline_s), timeout=60)
+                return bool(answer[0]), str(answer[1])
 
         def collect() -> AutoscalerContext:
-            donors = ray.get(registry.list_donors.remote(), timeout=30)
+            donors: list[DonorView] = ray.get(registry.list_donors.remote(), timeout=30)
             usage, demand = adapter.usage_and_demand()
             return build_context(donors, usage, demand, self.bounds, time.time(), settings.heartbeat_timeout_s)
 

@@ -125,7 +125,8 @@ def status(
         ],
     }
     data["autoscaler"] = cluster.autoscaler
-    data["endpoints"] = _endpoints(settings)
+    endpoints = _endpoints(settings)
+    data["endpoints"] = endpoints
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -141,7 +142,7 @@ def status(
             f"{d.profile.cpu_gflops:.0f}", f"{len(d.sessions)} ({', '.join(ended) or 'open'})",
         )
     console.print(table)
-    _print_endpoints(data["endpoints"])
+    _print_endpoints(endpoints)
     _print_autoscaler(cluster.autoscaler)
 
 
@@ -375,6 +376,7 @@ def donor_leave(
     if not alive(pid):
         raise DonorError(f"the donor agent of {files['pid'].parent.name} is not running")
     # SIGINT is "the owner leaves" to the agent (SIGTERM is "the system stops it").
+    assert pid is not None  # alive(pid) held above
     os.kill(int(pid), signal.SIGINT)
     with console.status("draining: running work finishes or moves, then the raylet stops"):
         done = wait_until(lambda: not alive(pid), wait_s)

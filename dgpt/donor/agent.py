@@ -352,7 +352,7 @@ class DonorAgent:
     def _heartbeat_now(self) -> HeartbeatResponse | None:
         if not self.donor_id or not self.secret:
             return None
-        hb = Heartbeat(state=self.state, owner_active=self._owner_reason is not None,  # type: ignore[arg-type]
+        hb = Heartbeat(state=self.state, node_id=None, owner_active=self._owner_reason is not None,  # type: ignore[arg-type]
                        owner_reason=self._owner_reason)
         try:
             resp = self.client.heartbeat(self.donor_id, self.secret, hb)

@@ -103,8 +103,8 @@ class ControlPlane:
 
     def __init__(self, settings_json: str) -> None:
         self.settings = Settings.model_validate_json(settings_json)
-        self._registry = None
-        self._jobs = None
+        self._registry: Any = None
+        self._jobs: Any = None
 
     # ---------------------------------------------------------------- helpers
 
@@ -294,4 +294,4 @@ class ControlPlane:
 
 def build(settings: Settings) -> Any:
     """The Serve application of the control plane."""
-    return ControlPlane.bind(settings.model_dump_json())
+    return ControlPlane.bind(settings.model_dump_json())  # type: ignore[attr-defined]

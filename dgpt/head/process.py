@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import signal
@@ -145,7 +146,7 @@ def _start_head_actor(cls: type, name: str, settings: Settings, max_concurrency:
     """A detached, restartable actor pinned to the head; returns once it answers ``ping``."""
     import ray
 
-    actor = ray.remote(cls).options(  # type: ignore[attr-defined]
+    actor: Any = ray.remote(cls).options(  # type: ignore[attr-defined]
         name=name,
         namespace=NAMESPACE,
         lifetime="detached",
@@ -169,7 +170,7 @@ def _bootstrap(settings: Settings, paths: dict[str, Path]) -> None:
     from dgpt.head.registry import Registry
 
     gcs = f"{settings.node_ip or '127.0.0.1'}:{settings.ray_port}"
-    ray.init(address=gcs, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
+    ray.init(address=gcs, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
     _start_head_actor(Registry, REGISTRY_NAME, settings, max_concurrency=16)
     _start_head_actor(AutoscalerActor, AUTOSCALER_NAME, settings, max_concurrency=4)
     serve.start(

@@ -103,7 +103,7 @@ class RayAdapter:
 
     def __init__(self, gcs_address: str | None = None) -> None:
         import ray
-        from ray._raylet import GcsClient
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]
 
         if gcs_address is None:
             if not ray.is_initialized():
@@ -131,7 +131,7 @@ class RayAdapter:
             out.append(
                 RayNode(
                     node_id=node_id.hex(),
-                    alive=info.state == gcs_pb2.GcsNodeInfo.ALIVE,
+                    alive=info.state == gcs_pb2.GcsNodeInfo.ALIVE,  # type: ignore[attr-defined]
                     labels=dict(info.labels),
                     resources_total=dict(info.resources_total),
                     node_ip=info.node_manager_address,
@@ -150,8 +150,8 @@ class RayAdapter:
         from ray.core.generated import autoscaler_pb2
 
         reasons = {
-            DRAIN_PREEMPTION: autoscaler_pb2.DrainNodeReason.DRAIN_NODE_REASON_PREEMPTION,
-            DRAIN_IDLE: autoscaler_pb2.DrainNodeReason.DRAIN_NODE_REASON_IDLE_TERMINATION,
+            DRAIN_PREEMPTION: autoscaler_pb2.DrainNodeReason.DRAIN_NODE_REASON_PREEMPTION,  # type: ignore[attr-defined]
+            DRAIN_IDLE: autoscaler_pb2.DrainNodeReason.DRAIN_NODE_REASON_IDLE_TERMINATION,  # type: ignore[attr-defined]
         }
         if reason not in reasons:
             raise ValueError(f"drain reason must be one of {sorted(reasons)}, got {reason!r}")
@@ -176,7 +176,10 @@ class RayAdapter:
         `ray.autoscaler.sdk.request_resources()` then sends its request to the GCS, where
         :meth:`usage_and_demand` reads it (older clients write the v1 key, read too).
         """
-        from ray._raylet import GCS_AUTOSCALER_STATE_NAMESPACE, GCS_AUTOSCALER_V2_ENABLED_KEY
+        from ray._raylet import (  # type: ignore[attr-defined]
+            GCS_AUTOSCALER_STATE_NAMESPACE,
+            GCS_AUTOSCALER_V2_ENABLED_KEY,
+        )
 
         try:
             self._gcs.internal_kv_put(GCS_AUTOSCALER_V2_ENABLED_KEY.encode(), b"1", True,
@@ -205,7 +208,7 @@ class RayAdapter:
             state = get_cluster_resource_state(self._gcs)
         except Exception as exc:
             raise RayAdapterError(f"reading cluster resource state failed: {exc}") from exc
-        status_name = autoscaler_pb2.NodeStatus.Name
+        status_name = autoscaler_pb2.NodeStatus.Name  # type: ignore[attr-defined]
         usage = [
             NodeUsage(
                 node_id=n.node_id.hex() if isinstance(n.node_id, bytes) else str(n.node_id),

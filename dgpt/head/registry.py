@@ -119,6 +119,8 @@ class RegistryCore:
     def drain(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
         from dgpt.head.ray_adapter import DRAIN_PREEMPTION
 
+        if self.adapter is None:
+            return False, "no Ray adapter: nothing to drain"
         accepted, rejection = self.adapter.drain_node(node_id, DRAIN_PREEMPTION, message, deadline_s)
         log.info("DrainNode %s deadline %.0fs: %s", node_id[:8], deadline_s, "accepted" if accepted else rejection)
         return accepted, rejection or "drain accepted"
@@ -250,7 +252,7 @@ class Registry:
         """The running donors as a placement snapshot (``dgpt.placement.options`` reads it)."""
         from dgpt.placement.live import snapshot_from
 
-        usage, _ = self.core.adapter.usage_and_demand()
+        usage = self.core.adapter.usage_and_demand()[0] if self.core.adapter is not None else []
         return snapshot_from(self.core.store.list_donors(), usage, time.time())
 
     def create_token(self, kind: str, label: str) -> TokenView:

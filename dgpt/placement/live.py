@@ -118,5 +118,6 @@ def current_snapshot() -> ClusterSnapshot:
             "this Ray cluster has no dgpt registry, so dgpt cannot place work on donors",
             hint="connect to a dgpt fabric (`eval \"$(dgpt env)\"`), or drop dgpt.placement and let Ray place it",
         ) from None
-    snapshot: ClusterSnapshot = ray.get(registry.placement_snapshot.remote(), timeout=60)
+    snapshot: Any = ray.get(registry.placement_snapshot.remote(), timeout=60)
+    assert isinstance(snapshot, ClusterSnapshot)
     return _with_reservations(snapshot, time.time())
