@@ -226,7 +226,8 @@ def run_supervisor(settings: Settings) -> int:
         return 1
     finally:
         if ray_proc.poll() is None:
-            stop_tree(ray_proc.pid, grace_s=30)
+            # Nothing on the head needs draining; Ray workers that outlive their raylet get 10 s.
+            stop_tree(ray_proc.pid, grace_s=10)
         # Orphans adopted from a `ray start` that exited first (we are their subreaper).
         for child in psutil.Process().children():
             stop_tree(child.pid, grace_s=10)
