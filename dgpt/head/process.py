@@ -254,6 +254,7 @@ def start_head(settings: Settings, timeout_s: float = 180.0, on_wait: Any = None
     paths = prepare_state(settings)
     if head_running(settings):
         raise FabricError(f"a head already runs for DGPT_HOME={settings.home}", hint="stop it with `dgpt head stop`")
+    paths["info"].unlink(missing_ok=True)  # left by a head that was killed: its ports are stale
     pid = spawn_detached([sys.executable, "-m", "dgpt.head.process"], paths["log"], settings_env(settings))
     write_json(paths["pid"], {"pid": pid})
     health = f"{settings.api_url}/health"
@@ -261,6 +262,8 @@ def start_head(settings: Settings, timeout_s: float = 180.0, on_wait: Any = None
     def ready() -> bool:
         if not alive(pid):
             return True
+        if not paths["info"].is_file():  # written once everything is up; later commands read it
+            return False
         try:
             return httpx.get(health, timeout=2).status_code == 200
         except httpx.HTTPError:

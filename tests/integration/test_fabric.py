@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -317,3 +318,20 @@ def test_killing_the_control_plane_loses_no_record(local_fabric: Settings) -> No
                    for i in now)
     wait_for(heartbeats_resumed, 60, "every donor to heartbeat through the restart and stay active")
     client.close()
+
+
+def test_a_second_fabric_runs_side_by_side(local_fabric: Settings) -> None:
+    from tests.integration.conftest import fabric_settings
+
+    other = fabric_settings(Path(tempfile.mkdtemp(prefix="dgpt-it2-")))
+    assert {other.ray_port, other.http_port}.isdisjoint({local_fabric.ray_port, local_fabric.http_port})
+    try:
+        fabric.up(other, 0, timeout_s=240)
+        for settings in (local_fabric, other):
+            assert httpx.get(f"{settings.api_url}/health", timeout=10).json() == {"status": "ok"}
+        assert _cli(other, "status", "--json").returncode == 0
+        assert json.loads(_cli(other, "status", "--json").stdout)["donors"] == []
+    finally:
+        fabric.down(other)
+    assert not httpx.get(f"{local_fabric.api_url}/health", timeout=10).is_error, "the first fabric is untouched"
+    assert len(_donors(local_fabric)) == 3
