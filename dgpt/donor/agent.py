@@ -54,6 +54,9 @@ log = logging.getLogger("dgpt.donor")
 # How often the agent looks at its detectors and its raylet between heartbeats: owners
 # expect their machine back within a second of touching it.
 POLL_S = 0.25
+# `dgpt down` stops the whole fabric: there is nowhere for work to move, so donors drain briefly.
+SHUTDOWN_SIGNAL = signal.SIGUSR1
+SHUTDOWN_DRAIN_S = 5.0
 # A drained node that ran nothing for this many polls (1 s) stops before its deadline.
 IDLE_POLLS_TO_STOP = 4
 # Titles of Ray's per-node service processes and idle workers: not the donor's work.
@@ -119,6 +122,7 @@ class DonorAgent:
         self._retry_after = 0.0
         self._stop = threading.Event()
         self._stop_reason = "sigterm"
+        self._stop_deadline_s: float | None = None
         self._owner_reason: str | None = None
         self._head_ok = True
 
@@ -313,13 +317,13 @@ class DonorAgent:
             self._ray = None
         self.state = "standby"
 
-    def drain(self, reason: str) -> None:
+    def drain(self, reason: str, deadline_s: float | None = None) -> None:
         """Leave the cluster gracefully: DrainNode through the head, wait, stop the raylet."""
         if not self.ray_running():
             self.stop_ray()
             return
         self.state = "draining"
-        deadline_s = self.cfg.drain_deadline_s
+        deadline_s = deadline_s or self.cfg.drain_deadline_s
         log.info("draining (%s), deadline %.0fs", reason, deadline_s)
         try:
             assert self.donor_id and self.secret
@@ -395,8 +399,10 @@ class DonorAgent:
 
     # ------------------------------------------------------------ main loop
 
-    def request_stop(self, reason: str = "sigterm") -> None:
+    def request_stop(self, reason: str = "sigterm", deadline_s: float | None = None) -> None:
+        """Drain and exit; ``deadline_s`` shortens the drain (the whole fabric is stopping)."""
         self._stop_reason = reason
+        self._stop_deadline_s = deadline_s
         self._stop.set()
 
     def run(self) -> int:
@@ -439,7 +445,7 @@ class DonorAgent:
                     next_beat = time.monotonic() + self.heartbeat_interval_s * random.uniform(0.9, 1.1)
                 reap_orphans(keep=[self._ray.pid] if self._ray is not None else [])
                 self._stop.wait(POLL_S)
-            self.drain(self._stop_reason)
+            self.drain(self._stop_reason, self._stop_deadline_s)
             return 0
         finally:
             self._release_start_lock()
@@ -482,10 +488,14 @@ def _die_with_parent() -> None:
 
 def install_signal_handlers(agent: DonorAgent) -> None:
     def handler(signum: int, _frame: Any) -> None:
-        agent.request_stop("sigterm" if signum == signal.SIGTERM else "leave")
+        if signum == SHUTDOWN_SIGNAL:
+            agent.request_stop("shutdown", SHUTDOWN_DRAIN_S)
+        else:
+            agent.request_stop("sigterm" if signum == signal.SIGTERM else "leave")
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    signal.signal(SHUTDOWN_SIGNAL, handler)
 
 
 def find_state_dir(home: Path, donor_id: str | None) -> Path:

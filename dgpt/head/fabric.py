@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dgpt.config import Settings
+from dgpt.donor.agent import SHUTDOWN_DRAIN_S, SHUTDOWN_SIGNAL
 from dgpt.exceptions import FabricError
 from dgpt.head.process import head_running, settings_env, start_head, stop_head
 from dgpt.head.registry import head_paths
@@ -181,7 +182,9 @@ def down(settings: Settings, progress: Callable[[str, float], None] | None = Non
 
     # Donors drain in parallel: each asks the head for DrainNode, then stops its raylet.
     with cf.ThreadPoolExecutor(max_workers=max(1, len(donors))) as pool:
-        for pids in pool.map(lambda d: stop_tree(int(d["pid"]), grace_s=settings.drain_deadline_s + 30), donors):
+        # The shutdown signal: drain briefly (the whole fabric is stopping, work has nowhere to go).
+        stop = lambda d: stop_tree(int(d["pid"]), grace_s=SHUTDOWN_DRAIN_S + 30, sig=SHUTDOWN_SIGNAL)  # noqa: E731
+        for pids in pool.map(stop, donors):
             killed += len(pids)
     say("stopping the head", 0.6)
     head_stopped = stop_head(settings)

@@ -50,11 +50,14 @@ def client(fabric_k1: Settings) -> Iterator[Client]:
 
 
 def _driver(settings: Settings, code: str, timeout_s: float = 240) -> dict:
-    """Run a Ray driver against the fabric; it prints one JSON line last."""
+    """Run a Ray driver against the fabric; it prints its answer as one ``RESULT {json}`` line."""
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **shell_env(settings)},
                          capture_output=True, text=True, timeout=timeout_s)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # Ray may print its own lines (autoscaler events) to a driver's stdout: find ours.
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, out.stdout[-2000:]
+    return json.loads(line[len("RESULT "):])
 
 
 def _active(client: Client) -> list[str]:
@@ -63,21 +66,21 @@ def _active(client: Client) -> list[str]:
 
 _ACTORS = f"""
 import json, ray
-ray.init(namespace="{NAMESPACE}", logging_level="ERROR")
+ray.init(namespace="{NAMESPACE}", logging_level="ERROR", log_to_driver=False)
 @ray.remote(num_cpus=1)
 class Hold:
     def where(self):
         return ray.get_runtime_context().get_node_labels()["dgpt.io/donor-id"]
 actors = [Hold.options(name=f"hold-{{i}}", lifetime="detached").remote() for i in range(3)]
-print(json.dumps(ray.get([a.where.remote() for a in actors], timeout=180)))
+print("RESULT " + json.dumps(ray.get([a.where.remote() for a in actors], timeout=180)))
 """
 
 _RELEASE = f"""
 import json, ray
-ray.init(namespace="{NAMESPACE}", logging_level="ERROR")
+ray.init(namespace="{NAMESPACE}", logging_level="ERROR", log_to_driver=False)
 for i in range(3):
     ray.kill(ray.get_actor(f"hold-{{i}}"))
-print(json.dumps("released"))
+print("RESULT " + json.dumps("released"))
 """
 
 
@@ -119,9 +122,9 @@ def test_idle_donor_is_drained_after_the_timeout(fabric_k1: Settings, client: Cl
 _REQUEST_ALL = """
 import json, ray
 from ray.autoscaler.sdk import request_resources
-ray.init(logging_level="ERROR")
+ray.init(logging_level="ERROR", log_to_driver=False)
 request_resources(bundles=[{"CPU": 1}, {"CPU": 2}, {"CPU": 2}])
-print(json.dumps("requested"))
+print("RESULT " + json.dumps("requested"))
 """
 
 
@@ -135,13 +138,13 @@ def test_request_resources_activates_donors(fabric_k1: Settings, client: Client)
 _INFERENCE = """
 import json, ray
 import dgpt.placement
-ray.init(logging_level="ERROR")
+ray.init(logging_level="ERROR", log_to_driver=False)
 @ray.remote
 class Replica:
     def where(self):
         return ray.get_runtime_context().get_node_labels()["dgpt.io/donor-id"]
 replicas = [Replica.options(**dgpt.placement.options("inference", num_cpus=0.5)).remote() for _ in range(3)]
-print(json.dumps(ray.get([r.where.remote() for r in replicas], timeout=120)))
+print("RESULT " + json.dumps(ray.get([r.where.remote() for r in replicas], timeout=120)))
 """
 
 
@@ -154,7 +157,7 @@ def test_inference_options_spread_over_three_donors(fabric_k1: Settings, client:
 _GANG = """
 import json, ray
 import dgpt.placement
-ray.init(logging_level="ERROR")
+ray.init(logging_level="ERROR", log_to_driver=False)
 pg = dgpt.placement.gang("training", [{"CPU": 1}, {"CPU": 1}], horizon_s=4 * 3600)
 ray.get(pg.ready(), timeout=120)
 @ray.remote(num_cpus=1)
@@ -163,7 +166,7 @@ def where():
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 refs = [where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)).remote()
         for i in range(2)]
-print(json.dumps(ray.get(refs, timeout=120)))
+print("RESULT " + json.dumps(ray.get(refs, timeout=120)))
 """
 
 

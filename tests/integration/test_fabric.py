@@ -52,14 +52,16 @@ def _ray_nodes(settings: Settings) -> list[dict]:
     """Ray's own node table, read by a separate driver with the fabric's token."""
     code = (
         "import json, ray\n"
-        "ray.init(logging_level='ERROR')\n"
-        "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'labels': n.get('Labels', {}),"
+        "ray.init(logging_level='ERROR', log_to_driver=False)\n"
+        "print('NODES ' + json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'labels': n.get('Labels', {}),"
         " 'resources': n['Resources']} for n in ray.nodes()]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=_ray_env(settings), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # Ray may print its own lines (autoscaler events) to a driver's stdout: find ours.
+    line = next(x for x in out.stdout.splitlines() if x.startswith("NODES "))
+    return json.loads(line[len("NODES "):])
 
 
 def _last_session(settings: Settings, name: str) -> SessionView:
@@ -87,12 +89,12 @@ def _death_reason(settings: Settings, node_id: str) -> str:
         "from dgpt.head.ray_adapter import RayAdapter\n"
         f"nodes = {{n.node_id: n for n in RayAdapter('{shell_env(settings)['RAY_ADDRESS']}').nodes()}}\n"
         f"n = nodes.get('{node_id}')\n"
-        "print('ALIVE' if n is None or n.alive else n.death_reason)\n"
+        "print('REASON ' + ('ALIVE' if n is None or n.alive else n.death_reason))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=_ray_env(settings), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.strip().splitlines()[-1]
+    return next(x for x in out.stdout.splitlines() if x.startswith("REASON "))[len("REASON "):]
 
 
 # ---------------------------------------------------------------------- joining
