@@ -334,8 +334,10 @@ def test_options_are_accepted_by_ray_validation() -> None:
     ray_opts = pytest.importorskip("ray._common.ray_option_utils")
     s = snap(node(1), node(2))
     opts = decide_options("training", s, num_cpus=1)
+    # Ray's own validators raise on anything it would refuse at .options() time.
     ray_opts.validate_task_options(opts, in_options=True)
     ray_opts.validate_actor_options(opts, in_options=True)
+    assert opts["label_selector"]["dgpt.io/donor-id"] in {"donor-1", "donor-2"}
 
 
 def test_gang_args_match_ray_placement_group_signature() -> None:
