@@ -19,7 +19,7 @@ from autoscaler.context import (
     StandbyDonor,
 )
 from dgpt.head.ray_adapter import ClusterDemand, DemandShape, NodeUsage
-from dgpt.reliability.model import WeibullParams, fit, history_from_records
+from dgpt.reliability.model import WeibullParams, fit_recorded
 from dgpt.sdk.models import DonorView
 
 
@@ -31,7 +31,7 @@ def donor_profile(d: DonorView) -> DonorProfile:
         memory_bytes=float(d.caps.memory_bytes),
         gpus=gpus,
         gpu_model=d.labels.get("dgpt.io/gpu") if gpus else None,
-        gflops=(d.profile.gpu_gflops if gpus and d.profile.gpu_gflops else d.profile.cpu_gflops) or 1.0,
+        gflops=d.gflops,
         device_class=d.device_class,
         owner=d.owner,
         labels=dict(d.labels),
@@ -40,13 +40,7 @@ def donor_profile(d: DonorView) -> DonorProfile:
 
 def reliability(d: DonorView, now_s: float) -> WeibullParams:
     """The donor's uptime model from its recorded sessions and its device-class prior."""
-    records = [(s.started_at, s.ended_at, s.ended_as, s.end_reason) for s in d.sessions]
-    return fit(history_from_records(records, now_s), d.device_class).params
-
-
-def _open_session_start(d: DonorView, now_s: float) -> float:
-    open_ = [s for s in d.sessions if s.ended_at is None]
-    return open_[-1].started_at if open_ else now_s
+    return fit_recorded(d.sessions, d.device_class, now_s)
 
 
 def _idle_since(d: DonorView) -> float:
@@ -125,7 +119,7 @@ def build_context(
             active.append(ActiveNode(
                 donor_id=d.donor_id, profile=profile,
                 available=ResourceShape.from_mapping(node.available),
-                idle_s=node.idle_s, session_start_s=_open_session_start(d, now_s), reliability=params,
+                idle_s=node.idle_s, session_start_s=d.session_started_at(now_s), reliability=params,
                 draining=d.state == "draining" or node.status == "DRAINING",
             ))
         elif not fresh or d.owner_active or d.state in ("gone", "draining"):

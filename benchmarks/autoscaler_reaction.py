@@ -67,19 +67,14 @@ def _step(trials: int, nodes_alive: Any) -> list[float]:
 
 
 def run_dgpt(trials: int) -> dict[str, Any]:
-    from dgpt.config import load_settings
     from dgpt.head import fabric
     from dgpt.head.process import shell_env
     from dgpt.head.registry import head_paths
-    from dgpt.processes import free_port
     from dgpt.sdk.client import Client
 
     home = Path(tempfile.mkdtemp(prefix="dgpt-bench-as-"))
-    settings = load_settings({
-        "home": home, "ray_port": free_port(), "dashboard_port": free_port(), "http_port": free_port(),
-        "node_ip": "127.0.0.1", "http_host": "127.0.0.1", "heartbeat_interval_s": DGPT_HEARTBEAT_S,
-        "idle_timeout_s": IDLE_S, "drain_deadline_s": 10.0, "monitor_interval_s": 1.0,
-    }, env={})
+    settings = fabric.private_settings(home, heartbeat_interval_s=DGPT_HEARTBEAT_S, idle_timeout_s=IDLE_S,
+                                       drain_deadline_s=10.0, monitor_interval_s=1.0)
     try:
         # One CPU per donor, like the baseline's workers: each step needs one more node.
         specs = [fabric.DonorSpec(f"donor-{i + 1}", "desktop", f"owner-{i + 1}", 1.0, 1.0) for i in range(trials)]

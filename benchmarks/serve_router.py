@@ -292,17 +292,13 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     os.environ.update(RAY_ENV)
     for key in [k for k in os.environ if k.startswith("DGPT_")] + ["RAY_ADDRESS"]:
         os.environ.pop(key, None)
-    from dgpt.config import load_settings
     from dgpt.head import fabric
-    from dgpt.processes import free_port
     from dgpt.serve import deploy as sd
 
     rounds, round_s, floor_s = (2, 8.0, 8.0) if quick else (4, 20.0, 20.0)
     concurrency = THROUGHPUT_CONCURRENCY
     home = Path(tempfile.mkdtemp(prefix="dgpt-bench-"))
-    settings = load_settings({"home": home, "ray_port": free_port(), "dashboard_port": free_port(),
-                              "http_port": free_port(), "node_ip": "127.0.0.1", "http_host": "127.0.0.1",
-                              **FAST_DONOR_TIMINGS}, env={})
+    settings = fabric.private_settings(home, **FAST_DONOR_TIMINGS)
     bodies, labels = _bodies()
     result: dict[str, Any] = {
         "meta": {"quick": quick, "concurrency": concurrency, "rounds": rounds, "round_s": round_s,

@@ -14,12 +14,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dgpt.config import Settings
+from dgpt.config import Settings, load_settings
 from dgpt.donor.agent import SHUTDOWN_DRAIN_S, SHUTDOWN_SIGNAL
 from dgpt.exceptions import FabricError
 from dgpt.head.process import head_running, settings_env, start_head, stop_head
 from dgpt.head.registry import head_paths
-from dgpt.processes import alive, read_json, spawn_detached, stop_tree, write_json, write_secret
+from dgpt.processes import (
+    alive,
+    free_port,
+    read_json,
+    spawn_detached,
+    stop_tree,
+    write_json,
+    write_secret,
+)
 from dgpt.sdk.client import Client
 
 
@@ -47,6 +55,17 @@ def donor_specs(n: int) -> list[DonorSpec]:
         cls, cpus, mem = _CLASSES[i % len(_CLASSES)]
         specs.append(DonorSpec(name=f"donor-{i + 1}", device_class=cls, owner=f"owner-{i + 1}", cpus=cpus, memory_gb=mem))
     return specs
+
+
+def private_settings(home: Path, **overrides: Any) -> Settings:
+    """Settings for a fabric of its own: ``home``, free ports, loopback only, no ``DGPT_*`` read.
+
+    Tests and benchmarks start their fabrics with these, so they never clash with a fabric
+    already running on the machine.
+    """
+    return load_settings({"home": home, "ray_port": free_port(), "dashboard_port": free_port(),
+                          "http_port": free_port(), "node_ip": "127.0.0.1", "http_host": "127.0.0.1", **overrides},
+                         env={})
 
 
 def fabric_file(settings: Settings) -> Path:

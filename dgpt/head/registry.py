@@ -155,15 +155,14 @@ class RegistryCore:
         now = self.clock()
         states = self.store.node_states()
         if now - self._reliability_at > NODE_STATES_TTL_S:
-            from dgpt.reliability.model import fit, history_from_records
+            from dgpt.reliability.model import fit_recorded
 
             fresh = {}
             for d in self.store.list_donors():
                 if not d.node_id:
                     continue
-                records = [(s.started_at, s.ended_at, s.ended_as, s.end_reason) for s in d.sessions]
-                up_s = now - next((s.started_at for s in reversed(d.sessions) if s.ended_at is None), now)
-                params = fit(history_from_records(records, now), d.device_class).params
+                up_s = now - d.session_started_at(now)
+                params = fit_recorded(d.sessions, d.device_class, now)
                 fresh[d.donor_id] = round(params.p_stay(up_s, RELIABILITY_HORIZON_S), 4)
             self._reliability, self._reliability_at = fresh, now
         for entry in states.values():

@@ -454,6 +454,7 @@ class RegistryStore:
 
     def _view(self, row: sqlite3.Row, sessions: list[sqlite3.Row], stats: sqlite3.Row) -> DonorView:
         caps = DonorCaps.model_validate_json(row["caps_json"])
+        profile = DeviceProfile.model_validate_json(row["profile_json"])
         labels = json.loads(row["labels_json"])
         return DonorView(
             donor_id=row["donor_id"],
@@ -462,11 +463,10 @@ class RegistryStore:
             device_class=row["device_class"],
             owner=row["owner"],
             node_id=row["node_id"],
-            profile=DeviceProfile.model_validate_json(row["profile_json"]),
+            profile=profile,
             caps=caps,
             resources=donor_resources(caps),
-            labels={**labels, **donor_labels(row["donor_id"], row["device_class"], row["owner"],
-                                              DeviceProfile.model_validate_json(row["profile_json"]), caps)},
+            labels={**labels, **donor_labels(row["donor_id"], row["device_class"], row["owner"], profile, caps)},
             registered_at=row["registered_at"],
             last_heartbeat_at=row["last_heartbeat_at"],
             owner_active=bool(row["owner_active"]),

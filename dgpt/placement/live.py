@@ -17,7 +17,7 @@ from typing import Any
 from dgpt.exceptions import PlacementError
 from dgpt.placement import labels as lbl
 from dgpt.placement.snapshot import ClusterSnapshot, NodeView
-from dgpt.reliability.model import fit, history_from_records
+from dgpt.reliability.model import fit_recorded
 
 #: How long a placement counts against its donor's free capacity: long enough for Ray to
 #: schedule the work and report it, short enough that a cancelled call frees the room soon.
@@ -45,8 +45,6 @@ def snapshot_from(donors: Iterable[Any], usage: Iterable[Any], now_s: float) -> 
         node = by_node.get(d.node_id or "")
         if d.state not in ("active", "draining") or node is None or node.status == "DEAD":
             continue
-        records = [(s.started_at, s.ended_at, s.ended_as, s.end_reason) for s in d.sessions]
-        open_starts = [s.started_at for s in d.sessions if s.ended_at is None]
         cpu_total = float(node.total.get("CPU", 0.0)) or 1.0
         gpus = d.caps.gpus
         nodes.append(NodeView(
@@ -54,11 +52,11 @@ def snapshot_from(donors: Iterable[Any], usage: Iterable[Any], now_s: float) -> 
             gpu=d.labels.get(lbl.GPU) if gpus else None,
             total=dict(node.total), available=dict(node.available),
             load=1.0 - float(node.available.get("CPU", 0.0)) / cpu_total,
-            gflops=(d.profile.gpu_gflops if gpus and d.profile.gpu_gflops else d.profile.cpu_gflops) or 1.0,
+            gflops=d.gflops,
             draining=d.state == "draining" or node.status == "DRAINING",
             labels=dict(d.labels),
-            reliability=fit(history_from_records(records, now_s), d.device_class).params,
-            session_start_s=open_starts[-1] if open_starts else now_s,
+            reliability=fit_recorded(d.sessions, d.device_class, now_s),
+            session_start_s=d.session_started_at(now_s),
         ))
     return ClusterSnapshot(nodes=tuple(nodes), now_s=now_s)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -347,3 +348,25 @@ def history_from_records(
         departed = ended is not None and (ended_as == "lost" or reason not in NOT_DEPARTURES)
         history.append(Session(max(end - started, 1.0), departed))
     return history
+
+
+class RecordedSession(Protocol):
+    """A session as the registry records it (``dgpt.sdk.models.SessionView``)."""
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def ended_at(self) -> float | None: ...
+
+    @property
+    def ended_as(self) -> str | None: ...
+
+    @property
+    def end_reason(self) -> str | None: ...
+
+
+def fit_recorded(sessions: Iterable[RecordedSession], device_class: str | None, now_s: float) -> WeibullParams:
+    """A donor's uptime model from its recorded sessions and its device-class prior."""
+    records = ((s.started_at, s.ended_at, s.ended_as, s.end_reason) for s in sessions)
+    return fit(history_from_records(records, now_s), device_class).params

@@ -218,6 +218,17 @@ class DonorView(_Model):
     sessions: list[SessionView] = Field(default_factory=list)
     stats: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def gflops(self) -> float:
+        """The speed its work runs at: the GPU's when it offers GPUs, else the CPU's."""
+        if self.caps.gpus and self.profile.gpu_gflops:
+            return self.profile.gpu_gflops
+        return self.profile.cpu_gflops or 1.0
+
+    def session_started_at(self, now_s: float) -> float:
+        """When its open session began (``now_s`` when none is open)."""
+        return next((s.started_at for s in reversed(self.sessions) if s.ended_at is None), now_s)
+
 
 class TokenCreateRequest(_Strict):
     kind: Literal["join", "api"] = "join"

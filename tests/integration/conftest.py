@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from dgpt.config import Settings, load_settings
-from dgpt.processes import free_port
+from dgpt.config import Settings
 
 # Tolerant of a loaded machine: 10 missed checks of 3 s before Ray declares a node dead.
 RAY_TEST_ENV = {
@@ -54,10 +53,9 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval
 
 def fabric_settings(home: Path, **extra: Any) -> Settings:
     """Settings for a test fabric: a temp home, free ports, fast donor timings."""
-    return load_settings({
-        "home": home, "ray_port": free_port(), "dashboard_port": free_port(), "http_port": free_port(),
-        "node_ip": "127.0.0.1", "http_host": "127.0.0.1", **FAST_DONOR_TIMINGS, **extra,
-    }, env={})
+    from dgpt.head.fabric import private_settings
+
+    return private_settings(home, **{**FAST_DONOR_TIMINGS, **extra})
 
 
 @pytest.fixture(scope="module")
