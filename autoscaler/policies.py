@@ -22,28 +22,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from autoscaler.context import (
-    SPREAD_STRATEGIES,
-    ActiveNode,
-    AutoscalerContext,
-    ResourceShape,
-    StandbyDonor,
-)
+from autoscaler.context import AutoscalerContext
 from autoscaler.decisions import ActivateDonor, AutoscalerDecision, DrainDonor
-from dgpt.placement.labels import selector_matches
-from dgpt.placement.snapshot import REFERENCE_GFLOPS
-from dgpt.reliability.model import log_stay_probability
+from dgpt.contract import selector_matches
+from dgpt.fleet import DonorTable, FleetDonor
+from dgpt.reliability.score import donor_score
+from dgpt.resources import EPS, SPREAD_STRATEGIES, Resources
 
-_EPS = 1e-9
-#: Weight of log(speed) against log P(stay) when ranking donors: a donor twice as fast is
-#: worth as much as one ~30% less likely to leave (exp(-0.5 * ln 2) ~ 0.7).
-_SPEED_WEIGHT = 0.5
-#: Cost of spending a GPU donor on CPU-only demand (in the same log units): only when no
-#: CPU donor fits, since GPU donors are rarer (BOINC: ~0.8 GPU per CPU host, most weak).
+#: Cost of spending a GPU donor on CPU-only demand (in the donor score's log units): only
+#: when no CPU donor fits, since GPU donors are rarer (BOINC: ~0.8 GPU per CPU host, most weak).
 _GPU_WASTE = 2.0
 
 
@@ -70,7 +61,11 @@ class _Bin:
     labels: Mapping[str, str]
     touched: bool = False
 
-    def count_fits(self, shape: ResourceShape, limit: int) -> int:
+    @classmethod
+    def of(cls, donor_id: str, room: Resources, labels: Mapping[str, str]) -> _Bin:
+        return cls(donor_id, room.cpus, room.gpus, room.memory_bytes, labels)
+
+    def count_fits(self, shape: Resources, limit: int) -> int:
         if shape.label_selector and not selector_matches(shape.label_selector, self.labels):
             return 0
         n = limit
@@ -80,10 +75,10 @@ class _Bin:
             (shape.memory_bytes, self.memory_bytes),
         ):
             if need > 0:
-                n = min(n, int((have + _EPS) // need))
+                n = min(n, int((have + EPS) // need))
         return max(n, 0)
 
-    def take(self, shape: ResourceShape, n: int) -> None:
+    def take(self, shape: Resources, n: int) -> None:
         self.cpus -= shape.cpus * n
         self.gpus -= shape.gpus * n
         self.memory_bytes -= shape.memory_bytes * n
@@ -94,26 +89,44 @@ class _Bin:
 class _Need:
     """Unmet demand of one shape: ``count`` copies; ``distinct`` ones must not share a donor."""
 
-    shape: ResourceShape
+    shape: Resources
     count: int
     distinct: bool = False
     used: set[str] = field(default_factory=set)
 
 
-def _shape_key(shape: ResourceShape) -> tuple[float, float, float, tuple[tuple[str, str], ...]]:
+def _shape_key(shape: Resources) -> tuple[float, float, float, tuple[tuple[str, str], ...]]:
     return (shape.cpus, shape.gpus, shape.memory_bytes, tuple(sorted(shape.label_selector.items())))
 
 
-def _is_empty(shape: ResourceShape) -> bool:
-    return shape.cpus <= 0 and shape.gpus <= 0 and shape.memory_bytes <= 0
+def _reserve_constraints(
+    constraints: Sequence[Resources], active: Sequence[FleetDonor]
+) -> tuple[list[Resources], list[FleetDonor]]:
+    """``request_resources()`` bundles reserve capacity: each goes onto an active donor's
+    total capacity (first fit), which then counts as used (and busy, so it is not drained);
+    the bundles that fit nowhere become pending demand."""
+    room = {d.donor_id: d.caps for d in active if not d.draining}
+    taken: dict[str, Resources] = {}
+    missing = []
+    for c in sorted(constraints, key=lambda c: -c.cpus):
+        for donor_id, r in room.items():
+            if c.fits_in(r):
+                room[donor_id] = r.minus(c)
+                taken[donor_id] = taken.get(donor_id, Resources()).plus(Resources(c.cpus, c.gpus, c.memory_bytes))
+                break
+        else:
+            missing.append(c)
+    out = [replace(d, idle_s=0.0, available=d.free.minus(taken[d.donor_id])) if d.donor_id in taken else d
+           for d in active]
+    return missing, out
 
 
-def _demand(ctx: AutoscalerContext) -> list[_Need]:
+def _demand(pending: Sequence[Resources], ctx: AutoscalerContext) -> list[_Need]:
     """Pending demand as needs, biggest first (GPU, then CPU, then memory: first-fit decreasing)."""
     plain: dict[tuple[float, float, float, tuple[tuple[str, str], ...]], _Need] = {}
 
-    def add(shape: ResourceShape, n: int = 1) -> None:
-        if _is_empty(shape):
+    def add(shape: Resources, n: int = 1) -> None:
+        if shape.empty:
             return
         key = _shape_key(shape)
         if key in plain:
@@ -122,10 +135,10 @@ def _demand(ctx: AutoscalerContext) -> list[_Need]:
             plain[key] = _Need(shape, n)
 
     gangs: list[_Need] = []
-    for shape in ctx.pending:
+    for shape in pending:
         add(shape)
-    for gang in ctx.pending_gangs:
-        bundles = [b for b in gang.bundles if not _is_empty(b)]
+    for gang in ctx.demand.gangs:
+        bundles = [b for b in gang.bundles if not b.empty]
         if not bundles:
             continue
         if gang.strategy == "STRICT_PACK":
@@ -162,48 +175,44 @@ def _fit_onto(needs: Sequence[_Need], bins: Sequence[_Bin]) -> None:
 
 
 class _Standby:
-    """Standby donors as numpy columns, for picking the best fit among many quickly."""
+    """The standby table's donors ranked by the donor score, for picking the best fit fast."""
 
-    def __init__(self, donors: Sequence[StandbyDonor], now_s: float, horizon_s: float) -> None:
-        self.donors = donors
-        self.cpus = np.array([d.profile.cpus for d in donors], dtype=np.float64)
-        self.gpus = np.array([d.profile.gpus for d in donors], dtype=np.float64)
-        self.mem = np.array([d.profile.memory_bytes for d in donors], dtype=np.float64)
-        shape = np.array([d.params.shape for d in donors], dtype=np.float64)
-        scale = np.array([d.params.scale_s for d in donors], dtype=np.float64)
-        up = np.array([now_s - d.session_start_s for d in donors], dtype=np.float64)
-        gflops = np.array([max(d.profile.gflops, 1e-3) for d in donors], dtype=np.float64)
-        self.value = log_stay_probability(shape, scale, up, horizon_s) + _SPEED_WEIGHT * np.log(
-            gflops / REFERENCE_GFLOPS
-        )
-        self.free = np.ones(len(donors), dtype=bool)
+    def __init__(self, table: DonorTable, now_s: float, horizon_s: float) -> None:
+        self.table = table
+        self.value = donor_score(table.shape, table.scale_s, now_s - table.start_s, horizon_s, table.gflops)
+        self.free = np.ones(len(table), dtype=bool)
 
-    def best_for(self, shape: ResourceShape | None) -> int | None:
+    def best_for(self, shape: Resources | None) -> int | None:
         """Index of the most valuable free donor that fits ``shape`` (any donor when None)."""
+        t = self.table
         mask = self.free.copy()
         score = self.value.copy()
         if shape is not None:
-            mask &= (self.cpus + _EPS >= shape.cpus) & (self.mem + _EPS >= shape.memory_bytes)
+            mask &= (t.cpu_total + EPS >= shape.cpus) & (t.mem_total + EPS >= shape.memory_bytes)
             if shape.gpus > 0:
-                mask &= self.gpus + _EPS >= shape.gpus
+                mask &= t.gpu_total + EPS >= shape.gpus
             else:
-                score -= _GPU_WASTE * (self.gpus > 0)
+                score -= _GPU_WASTE * (t.gpu_total > 0)
             if shape.label_selector:
                 for pos in np.flatnonzero(mask):
-                    labels = self.donors[int(pos)].profile.labels
-                    if not selector_matches(shape.label_selector, labels):
+                    if not selector_matches(shape.label_selector, t.labels[int(pos)]):
                         mask[pos] = False
         else:
-            score -= _GPU_WASTE * (self.gpus > 0)
+            score -= _GPU_WASTE * (t.gpu_total > 0)
         if not mask.any():
             return None
         best = int(np.argmax(np.where(mask, score, -np.inf)))
         self.free[best] = False
         return best
 
+    def bin(self, i: int) -> _Bin:
+        t = self.table
+        return _Bin(str(t.donor_ids[i]), float(t.cpu_total[i]), float(t.gpu_total[i]), float(t.mem_total[i]),
+                    t.labels[i])
+
 
 def _hedge_cpus(
-    active: Iterable[ActiveNode], now_s: float, lead_s: float, z: float
+    active: Iterable[FleetDonor], now_s: float, lead_s: float, z: float
 ) -> tuple[float, float]:
     """(hedge, expected loss): CPU in use expected to vanish within one activation lead time."""
     mean = var = 0.0
@@ -223,7 +232,7 @@ def default_policy(
     """Decide which standby donors to activate and which active donors to drain this tick.
 
     Args:
-        ctx: the frozen view of demand, active, activating and standby donors.
+        ctx: the frozen view of demand and of the fleet.
         state: what the previous tick handed back (None on the first tick).
 
     Returns:
@@ -232,37 +241,26 @@ def default_policy(
     state = state or PolicyState()
     b = ctx.bounds
     now = ctx.now_s
-    live = [n for n in ctx.active if not n.draining]
-    bins = [
-        _Bin(
-            n.donor_id,
-            n.available.cpus,
-            n.available.gpus,
-            n.available.memory_bytes,
-            n.profile.labels,
-        )
-        for n in live
-    ] + [
-        _Bin(d.donor_id, d.profile.cpus, d.profile.gpus, d.profile.memory_bytes, d.profile.labels)
-        for d in ctx.activating
+    fleet = ctx.fleet
+    unfit, active = _reserve_constraints(ctx.demand.constraints, fleet.active)
+    live = [n for n in active if not n.draining]
+    bins = [_Bin.of(n.donor_id, n.free, n.labels) for n in live] + [
+        _Bin.of(d.donor_id, d.caps, d.labels) for d in fleet.activating
     ]
-    needs = _demand(ctx)
+    needs = _demand(list(ctx.demand.pending) + unfit, ctx)
     _fit_onto(needs, bins)
 
     decisions: list[AutoscalerDecision] = []
-    size = len(live) + len(ctx.activating)
+    size = len(live) + len(fleet.activating)
     room = min(b.max_active - size, b.max_activations_per_tick)
     cooling = now - state.last_scale_up_s < b.scale_up_cooldown_s
-    standby = _Standby(ctx.standby, now, b.reliability_horizon_s) if ctx.standby else None
+    standby = _Standby(fleet.standby, now, b.reliability_horizon_s) if len(fleet.standby) else None
     new_bins: list[_Bin] = []
 
     def activate(i: int, reason: str) -> _Bin:
         assert standby is not None
-        d = standby.donors[i]
-        decisions.append(ActivateDonor(d.donor_id, reason))
-        nb = _Bin(
-            d.donor_id, d.profile.cpus, d.profile.gpus, d.profile.memory_bytes, d.profile.labels
-        )
+        nb = standby.bin(i)
+        decisions.append(ActivateDonor(nb.donor_id, reason))
         new_bins.append(nb)
         return nb
 
@@ -284,7 +282,7 @@ def default_policy(
     if hedge < b.hedge_min_cpus:
         hedge = 0.0
     spare = sum(max(x.cpus, 0.0) for x in bins) + sum(max(x.cpus, 0.0) for x in new_bins)
-    while spare + _EPS < hedge and standby is not None and not cooling and len(new_bins) < room:
+    while spare + EPS < hedge and standby is not None and not cooling and len(new_bins) < room:
         i = standby.best_for(None)
         if i is None:
             break
@@ -311,10 +309,9 @@ def default_policy(
     drains: list[DrainDonor] = []
     free_bins = {x.donor_id: x for x in bins}
 
-    def usefulness(n: ActiveNode) -> float:
-        return math.log(
-            max(n.p_stay(now, b.reliability_horizon_s), 1e-300)
-        ) + _SPEED_WEIGHT * math.log(max(n.profile.gflops, 1e-3) / REFERENCE_GFLOPS)
+    def usefulness(n: FleetDonor) -> float:
+        params = n.params
+        return float(donor_score(params.shape, params.scale_s, now - n.since_s, b.reliability_horizon_s, n.gflops))
 
     excess = size - b.max_active
     if excess > 0:
@@ -340,7 +337,7 @@ def default_policy(
             if count <= b.min_active or len(drains) >= b.max_drains_per_tick:
                 break
             free_cpus = max(free_bins[n.donor_id].cpus, 0.0)
-            if spare - free_cpus + _EPS < floor:
+            if spare - free_cpus + EPS < floor:
                 continue
             drains.append(
                 DrainDonor(

@@ -68,8 +68,8 @@ def _step(trials: int, nodes_alive: Any) -> list[float]:
 
 def run_dgpt(trials: int) -> dict[str, Any]:
     from dgpt.head import fabric
+    from dgpt.head.paths import head_paths
     from dgpt.head.process import shell_env
-    from dgpt.head.registry import head_paths
     from dgpt.sdk.client import Client
 
     home = Path(tempfile.mkdtemp(prefix="dgpt-bench-as-"))

@@ -16,24 +16,24 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
+from dgpt.fleet import DonorTable, IntArray
 from dgpt.placement.policy import (
     DEFAULT_SAMPLE,
     MAX_GANG_SAMPLE,
     Decision,
     Placement,
-    ResourceRequest,
     Unplaced,
     WorkloadKind,
     feasible_candidates,
 )
-from dgpt.placement.snapshot import IntArray, NodeTable
+from dgpt.resources import Resources
 
 #: Ray's hybrid scheduling threshold (RAY_scheduler_spread_threshold defaults to 0.5).
 SPREAD_THRESHOLD = 0.5
 
 
 def _decision(
-    table: NodeTable, kind: WorkloadKind, nodes: Sequence[int], requests: Sequence[ResourceRequest]
+    table: DonorTable, kind: WorkloadKind, nodes: Sequence[int], requests: Sequence[Resources]
 ) -> Placement:
     return Placement(
         kind=kind,
@@ -46,7 +46,7 @@ def _decision(
     )
 
 
-def _hybrid_order(table: NodeTable, idx: IntArray, request: ResourceRequest) -> IntArray:
+def _hybrid_order(table: DonorTable, idx: IntArray, request: Resources) -> IntArray:
     total = np.maximum(table.cpu_total[idx], 1e-9)
     util_after = 1.0 - (table.cpu_free[idx] - request.cpus) / total
     below = util_after <= SPREAD_THRESHOLD
@@ -55,15 +55,15 @@ def _hybrid_order(table: NodeTable, idx: IntArray, request: ResourceRequest) -> 
     return idx[np.argsort(key, kind="stable")]
 
 
-def _spread_order(table: NodeTable, idx: IntArray) -> IntArray:
+def _spread_order(table: DonorTable, idx: IntArray) -> IntArray:
     util = 1.0 - table.cpu_free[idx] / np.maximum(table.cpu_total[idx], 1e-9)
     return idx[np.argsort(util, kind="stable")]
 
 
 def task(
     name: str,
-    table: NodeTable,
-    request: ResourceRequest,
+    table: DonorTable,
+    request: Resources,
     rng: np.random.Generator,
     kind: WorkloadKind,
 ) -> Decision:
@@ -80,7 +80,7 @@ def task(
 
 
 def gang(
-    name: str, table: NodeTable, bundles: Sequence[ResourceRequest], rng: np.random.Generator
+    name: str, table: DonorTable, bundles: Sequence[Resources], rng: np.random.Generator
 ) -> Decision:
     """k identical bundles on k distinct donors, whole or nothing."""
     k = len(bundles)
@@ -99,8 +99,8 @@ def gang(
 
 def replicas(
     name: str,
-    table: NodeTable,
-    request: ResourceRequest,
+    table: DonorTable,
+    request: Resources,
     count: int,
     rng: np.random.Generator,
     existing_owners: Collection[str] = (),

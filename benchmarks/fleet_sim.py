@@ -38,17 +38,18 @@ from typing import Any
 import numpy as np
 
 from benchmarks import baselines
+from dgpt.fleet import DonorTable
 from dgpt.placement.policy import (
     Decision,
     Placement,
-    ResourceRequest,
     WorkloadKind,
     place_gang,
     place_replicas,
     place_task,
 )
-from dgpt.placement.snapshot import REFERENCE_GFLOPS, NodeTable
 from dgpt.reliability.model import DEVICE_CLASS_PRIORS, PRIOR_SOURCES, fit_many
+from dgpt.reliability.score import REFERENCE_GFLOPS
+from dgpt.resources import Resources
 
 POLICIES = ("dgpt", "random", "pack-spread")
 HOUR = 3600.0
@@ -270,7 +271,7 @@ class Simulation:
         self.hist_n = fleet.hist_n.copy()
         shape, scale = self._fit(np.arange(n), 0.0)
         self.up[:] = False  # run() brings the t=0 donors up, pools and all
-        self.table = NodeTable(
+        self.table = DonorTable(
             node_ids=[f"node-{i}" for i in range(n)],
             donor_ids=[f"donor-{i}" for i in range(n)],
             owner_codes=fleet.owner.astype(np.int64),
@@ -369,7 +370,7 @@ class Simulation:
             self.gpos[i] = -1
             self.gsize -= 1
 
-    def _view(self) -> NodeTable:
+    def _view(self) -> DonorTable:
         return dataclasses.replace(
             self.table, usable=self.pool[: self.size], gpu_usable=self.gpool[: self.gsize]
         )
@@ -422,7 +423,7 @@ class Simulation:
         self.queue.append(job.id)
 
     def _decide(self, job: _Job) -> Decision:
-        req = ResourceRequest(job.cpus, job.gpus, job.cpus * 2**30)
+        req = Resources(job.cpus, job.gpus, job.cpus * 2**30)
         view = self._view()
         rng = self.place_rng
         if job.kind == "training":

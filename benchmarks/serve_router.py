@@ -218,7 +218,7 @@ def drain_step(settings: Any, bodies: list[dict[str, Any]], labels: list[int], c
     victim, node = _replica_donor(settings, "digits")
     with api_client(settings) as client:
         sessions_before = len(next(d for d in client.donors() if d.name == victim).sessions)
-    loop = LoadLoop(f"{settings.local_head_url}/digits/predict", bodies, concurrency=concurrency,
+    loop = LoadLoop(f"{settings.serve_url}/digits/predict", bodies, concurrency=concurrency,
                     timeout_s=60).start()
     started = time.monotonic()
     try:
@@ -257,7 +257,7 @@ def kill_step(settings: Any, bodies: list[dict[str, Any]], concurrency: int) -> 
     raylets = [p for p in tree(agent_pid) if p.name() == "raylet"]
     if len(raylets) != 1:
         raise RuntimeError(f"expected one raylet under {victim}'s agent, found {len(raylets)}")
-    loop = LoadLoop(f"{settings.local_head_url}/digits/predict", bodies, concurrency=concurrency,
+    loop = LoadLoop(f"{settings.serve_url}/digits/predict", bodies, concurrency=concurrency,
                     timeout_s=60).start()
     started = time.monotonic()
     try:
@@ -312,8 +312,8 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     try:
         _say(f"dgpt up --donors 3 (DGPT_HOME={home})")
         fabric.up(settings, 3, timeout_s=400)
-        urls = {"default": f"{settings.local_head_url}/bench-default/predict",
-                "dgpt": f"{settings.local_head_url}/bench-dgpt/predict"}
+        urls = {"default": f"{settings.serve_url}/bench-default/predict",
+                "dgpt": f"{settings.serve_url}/bench-dgpt/predict"}
 
         _say("homogeneous: two copies of the app, three identical replicas each")
         names = sd.deploy_config(settings, bench_config([], 0.0, 3), "bench")

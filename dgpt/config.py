@@ -26,6 +26,8 @@ else:  # pragma: no cover
 ENV_PREFIX = "DGPT_"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+#: Fixed ports of one Ray node from ``ray_node_port_base`` on (see :func:`node_ports`).
+NODE_PORTS = 7
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
 
 
@@ -43,14 +45,30 @@ class Settings(BaseModel):
     # Head addresses. Defaults are Ray's own ports, for real deployments.
     ray_port: Port = Field(6379, description="GCS port of the Ray head.")
     dashboard_port: Port = Field(8265, description="Ray dashboard and Jobs API port.")
-    http_port: Port = Field(8000, description="Serve HTTP port: control plane and inference apps.")
-    http_host: str = Field("0.0.0.0", min_length=1, description="Interface the Serve proxy binds.")
-    node_ip: str | None = Field(None, description="IP this machine advertises to Ray; autodetected if unset.")
+    http_port: Port = Field(8000, description="Serve HTTP port: inference apps under /<app>.")
+    api_port: Port = Field(8080, description="Control-plane REST API (/api/v1): donors, jobs, tokens, status.")
+    http_host: str = Field("0.0.0.0", min_length=1, description="Interface the head's HTTP servers bind.")
+    node_ip: str | None = Field(
+        None, description="Address this machine advertises to Ray and the head; autodetected (never loopback) if unset."
+    )
+    # Every port a Ray node listens on is fixed, so an operator can write one firewall rule.
+    ray_node_port_base: Port = Field(
+        6380, le=65535 - NODE_PORTS,
+        description=f"First of the {NODE_PORTS} ports each Ray node listens on (node manager, object manager, "
+        "dashboard agent gRPC and HTTP, runtime-env agent, metrics, Ray client on the head).",
+    )
+    ray_worker_ports: str = Field(
+        "10002-19999", description="Ports Ray's worker processes listen on, START-END (Ray's own default range)."
+    )
     head_url: str | None = Field(None, description="Base URL of the head's HTTP API, for clients and donors.")
     api_key: str | None = Field(None, description="API key for /api/v1 calls (apps, CLI).")
 
     # Donor lifecycle. Defaults suit real donors on real networks.
-    heartbeat_interval_s: PositiveSeconds = Field(5.0, description="How often a donor heartbeats.")
+    heartbeat_interval_s: PositiveSeconds = Field(5.0, description="How often a running donor heartbeats.")
+    standby_heartbeat_interval_s: PositiveSeconds = Field(
+        30.0, description="Shortest interval of standby donors' held (long-poll) heartbeats; the head stretches it "
+        "for large fleets."
+    )
     heartbeat_timeout_s: PositiveSeconds = Field(
         30.0, description="Silence after which an active donor's session ends as lost."
     )
@@ -61,7 +79,9 @@ class Settings(BaseModel):
         2.0, description="How often the registry reconciles donors with Ray's node table."
     )
     idle_load_threshold: float = Field(
-        0.6, gt=0, le=64, description="Load (runnable non-Ray processes per core) that means the owner is back."
+        0.6, gt=0, le=64,
+        description="CPU the owner's own (non-Ray, non-dgpt) processes use, in cores per core, above which for "
+        "three polls in a row the owner counts as back and the donor drains.",
     )
     allowed_hours: str | None = Field(
         None, description="Local hours a donor may work, e.g. '22-7'; unset means any hour."
@@ -90,7 +110,14 @@ class Settings(BaseModel):
             raise ValueError(
                 f"min_active_donors ({self.min_active_donors}) must not exceed max_active_donors ({self.max_active_donors})"
             )
+        check_ports(self)
         return self
+
+    @field_validator("ray_worker_ports")
+    @classmethod
+    def _check_worker_ports(cls, value: str) -> str:
+        parse_port_range(value)
+        return value
 
     @field_validator("head_url")
     @classmethod
@@ -106,11 +133,68 @@ class Settings(BaseModel):
 
     @property
     def local_head_url(self) -> str:
-        """The head URL clients on this machine use."""
+        """The head's control-plane URL that clients on this machine use."""
         if self.head_url:
             return self.head_url
         host = self.node_ip or "127.0.0.1"
+        return f"http://{host}:{self.api_port}"
+
+    @property
+    def serve_url(self) -> str:
+        """The head's Serve proxy (inference endpoints)."""
+        host = self.node_ip or "127.0.0.1"
         return f"http://{host}:{self.http_port}"
+
+
+def parse_port_range(spec: str) -> tuple[int, int]:
+    """Parse ``'START-END'`` (inclusive) ports.
+
+    Raises:
+        ValueError: not two ports 1024-65535 joined by '-', or fewer than 16 ports.
+    """
+    parts = spec.split("-")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"must look like 'START-END' (e.g. '10002-19999'), got {spec!r}")
+    start, end = (int(p) for p in parts)
+    if not 1024 <= start <= end <= 65535:
+        raise ValueError(f"ports must be 1024-65535 and START <= END, got {spec!r}")
+    if end - start + 1 < 16:
+        raise ValueError(f"{spec!r} holds {end - start + 1} ports; Ray's workers need at least 16")
+    return start, end
+
+
+#: What each of a node's fixed ports is, in order from ``ray_node_port_base``.
+NODE_PORT_NAMES = ("node manager", "object manager", "dashboard agent gRPC", "dashboard agent HTTP",
+                   "runtime-env agent", "metrics export", "Ray client server")
+
+
+def node_ports(base: int) -> dict[str, int]:
+    """The fixed ports of one Ray node whose block starts at ``base``."""
+    return {name: base + i for i, name in enumerate(NODE_PORT_NAMES)}
+
+
+def check_ports(s: Settings) -> None:
+    """Refuse port settings Ray would trip over, saying why (Ray itself hides it in a log).
+
+    Raises:
+        ValueError: a fixed port lies in the worker range, or two fixed ports clash.
+    """
+    lo, hi = parse_port_range(s.ray_worker_ports)
+    fixed = {"ray_port": s.ray_port, "dashboard_port": s.dashboard_port, "http_port": s.http_port,
+             "api_port": s.api_port}
+    fixed.update({f"ray_node_port_base+{i} ({name})": port
+                  for i, (name, port) in enumerate(node_ports(s.ray_node_port_base).items())})
+    for name, port in fixed.items():
+        if lo <= port <= hi:
+            raise ValueError(
+                f"{name}={port} lies inside ray_worker_ports {s.ray_worker_ports}: a Ray worker may take that "
+                "port first and the service then fails to start; move the port or the worker range"
+            )
+    seen: dict[int, str] = {}
+    for name, port in fixed.items():
+        if port in seen:
+            raise ValueError(f"{name} and {seen[port]} are both port {port}; every fixed port must differ")
+        seen[port] = name
 
 
 def parse_hours(spec: str) -> tuple[int, int]:

@@ -88,14 +88,19 @@ def stop_tree(pid: int, grace_s: float = 30.0, sig: int = signal.SIGTERM) -> lis
     Descendants are collected before signalling, so orphans re-parented to init are still
     found. Returns the pids that had to be killed.
     """
-    procs = tree(pid)
-    if not procs:
-        return []
-    try:
-        procs[0].send_signal(sig)
-    except psutil.NoSuchProcess:
-        pass
-    survivors = _wait_gone(procs, grace_s)
+    return stop_trees([pid], grace_s, sig)
+
+
+def stop_trees(pids: Iterable[int], grace_s: float = 30.0, sig: int = signal.SIGTERM) -> list[int]:
+    """:func:`stop_tree` for several trees at once: one shared grace period, not one each."""
+    roots = [p for pid in pids if (p := _process(pid)) is not None]
+    procs = {p.pid: p for root in roots for p in tree(root.pid)}
+    for root in roots:
+        try:
+            root.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    survivors = _wait_gone(list(procs.values()), grace_s)
     killed = []
     for proc in survivors:
         try:
@@ -105,6 +110,13 @@ def stop_tree(pid: int, grace_s: float = 30.0, sig: int = signal.SIGTERM) -> lis
             pass
     _wait_gone(survivors, 5)
     return killed
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def _running(proc: psutil.Process) -> bool:

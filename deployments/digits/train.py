@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import sklearn
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from deployments.digits.model import (
@@ -29,22 +27,12 @@ from deployments.digits.model import (
     DigitsMLP,
     scale_pixels,
 )
+from dgpt.datasets import DIGITS_SEED, DIGITS_TEST_FRACTION, DigitsSplit, digits_split
 
-DEFAULT_SEED = 20240501
-# A fifth of the 1,797 images (360) is enough for accuracy to be resolved to ~0.3 %.
-DEFAULT_TEST_FRACTION = 0.2
+DEFAULT_SEED = DIGITS_SEED
+DEFAULT_TEST_FRACTION = DIGITS_TEST_FRACTION
 # Below this the model is not worth serving; an MLP this size reaches ~0.97-0.98.
 ACCURACY_FLOOR = 0.95
-
-
-@dataclass(frozen=True)
-class DigitsSplit:
-    """Raw (unscaled, 0..16) pixels as ``(n, 64)`` float32 and integer labels."""
-
-    x_train: np.ndarray
-    x_test: np.ndarray
-    y_train: np.ndarray
-    y_test: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -58,13 +46,7 @@ class TrainResult:
 
 def load_split(seed: int = DEFAULT_SEED, test_fraction: float = DEFAULT_TEST_FRACTION) -> DigitsSplit:
     """The stratified train/held-out split of ``load_digits`` for ``seed`` (deterministic)."""
-    digits = load_digits()
-    x = digits.data.astype(np.float32)
-    y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    return DigitsSplit(x_train, x_test, y_train, y_test)
+    return digits_split(seed, test_fraction)
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:

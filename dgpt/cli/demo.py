@@ -52,7 +52,7 @@ def demo_settings(settings: Settings) -> Settings:
     """The demo's own state folder and free ports: it never clashes with a fabric already running."""
     return settings.model_copy(update={
         "home": settings.home / "demo", "node_ip": settings.node_ip or "127.0.0.1",
-        "ray_port": free_port(), "dashboard_port": free_port(), "http_port": free_port(),
+        "ray_port": free_port(), "dashboard_port": free_port(), "http_port": free_port(), "api_port": free_port(),
     })
 
 

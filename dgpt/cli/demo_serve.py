@@ -21,6 +21,8 @@ from dgpt.serve import deploy as serve_deploy
 from dgpt.serve.loadgen import LoadLoop, summarize
 
 DIGITS_CONFIG = Path(__file__).resolve().parents[2] / "deployments" / "digits.yaml"
+# The shipped weights record the split they were trained on (data, not an import).
+DIGITS_METADATA = DIGITS_CONFIG.parent / "digits" / "weights" / "digits_mlp.json"
 DEMO_REQUESTS = 300
 # A few clients at once: enough to see batching and both replicas, little enough for a laptop.
 DEMO_CONCURRENCY = 4
@@ -28,11 +30,10 @@ DEMO_CONCURRENCY = 4
 
 def held_out_digits() -> tuple[list[list[float]], list[int]]:
     """The held-out images (flat 64 pixels, 0..16) and labels of the shipped model's split."""
-    from deployments.digits.model import METADATA_PATH
-    from deployments.digits.train import load_split
+    from dgpt.datasets import digits_split
 
-    meta = json.loads(METADATA_PATH.read_text())
-    split = load_split(int(meta["seed"]), float(meta["test_fraction"]))
+    meta = json.loads(DIGITS_METADATA.read_text())
+    split = digits_split(int(meta["seed"]), float(meta["test_fraction"]))
     return split.x_test.tolist(), [int(y) for y in split.y_test]
 
 
@@ -59,7 +60,7 @@ def run_inference_step(settings: Settings, console: Console, n_requests: int = D
         say("digits RUNNING", 1.0)
     app = current.app(names[0])
     assert app is not None  # wait_running returned: the app exists
-    url = f"{settings.local_head_url}{app.route_prefix}/predict"
+    url = f"{settings.serve_url}{app.route_prefix}/predict"
     images, labels = held_out_digits()
     bodies = [{"pixels": image} for image in images]
 

@@ -6,21 +6,15 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from dgpt.cli.context import HomeOpt, console, err_console
 from dgpt.cli.progress import stage_progress
 from dgpt.config import load_settings
 from dgpt.serve import deploy as serve_deploy
 
-console = Console()
-err_console = Console(stderr=True)
-
 serve_app = typer.Typer(help="Inference endpoints: deploy Serve apps onto donors, see them, delete them.",
                         no_args_is_help=True)
-
-HomeOpt = typer.Option(None, "--home", help="State folder (default $DGPT_HOME or ~/.dgpt).")
-
 
 def _replicas_text(per_donor: dict[str, int]) -> str:
     return " ".join(f"{donor}:{n}" for donor, n in per_donor.items()) or "-"
@@ -53,7 +47,7 @@ def deploy_cmd(
     for name in names:
         app = current.app(name)
         assert app is not None  # wait_running returns only once every app exists
-        console.print(f"[green]{name} RUNNING[/] at {settings.local_head_url}{app.route_prefix or ''} "
+        console.print(f"[green]{name} RUNNING[/] at {settings.serve_url}{app.route_prefix or ''} "
                       f"replicas per donor: {_replicas_text(app.replicas_per_donor())}")
 
 

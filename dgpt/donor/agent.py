@@ -6,16 +6,20 @@ idle detectors say the owner is back, on `dgpt donor leave`/`pause`, and on SIGT
 Draining goes through the head (which calls Ray's DrainNode with a deadline); once the raylet
 has exited (it does so when drained and idle) or the deadline passed, the agent stops it.
 
+While it waits in standby, the agent long-polls: its heartbeat is held by the head until
+the autoscaler activates it, so an activation reaches it at once.
+
 State kept in ``state_dir``: ``donor.json`` (donor id and secret: the id survives restarts),
-``agent.pid``, ``paused`` (the user switch), ``ray_auth_token`` and the raylet's log.
+``agent.pid``, ``paused`` (the user switch), ``ray_auth_token`` and the raylet's log. A
+donor may run its raylet with a Ray temp folder of its own (``ray_temp_dir``): several
+simulated donors on one machine then never share sockets or unpacked runtime envs.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
+import queue
 import random
 import signal
 import subprocess
@@ -26,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dgpt.contract import AgentState, HeartbeatAction, LeaveReason
 from dgpt.donor.idle import Detector, HoursDetector, LoadDetector, SwitchDetector
-from dgpt.exceptions import ApiError, AuthError, Conflict, DonorError, HeadUnreachable, NotFound
+from dgpt.donor.ports import PortProbe, gcs_problem
+from dgpt.exceptions import ApiError, AuthError, Conflict, DonorError, HeadUnreachable
+from dgpt.netaddr import local_ip_towards
 from dgpt.processes import (
     become_subreaper,
-    free_port,
     read_json,
     reap_orphans,
     stop_tree,
@@ -38,6 +44,7 @@ from dgpt.processes import (
     write_json,
     write_secret,
 )
+from dgpt.ray_node import NodePorts, NodeSpec, donor_argv
 from dgpt.sdk.client import DonorClient
 from dgpt.sdk.models import (
     DeviceProfile,
@@ -61,10 +68,10 @@ SHUTDOWN_DRAIN_S = 5.0
 IDLE_POLLS_TO_STOP = 4
 # Titles of Ray's per-node service processes and idle workers: not the donor's work.
 _RAY_SERVICE_TITLES = frozenset({"ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent"})
-# One raylet starts at a time on a host (see DonorAgent._try_start_lock).
-RAYLET_START_LOCK = Path("/tmp/dgpt-raylet-start.lock")
-# A raylet normally starts in seconds; past this another donor of the host may start.
-RAYLET_START_TIMEOUT_S = 90.0
+# A held heartbeat gets this much longer than the hold before the agent gives up on it.
+_HOLD_SLACK_S = 15.0
+# Backoff while the head is away: from 1 s, doubling, at most this.
+_MAX_BACKOFF_S = 30.0
 
 
 @dataclass
@@ -77,11 +84,13 @@ class AgentConfig:
     state_dir: Path
     caps: DonorCaps
     profile: DeviceProfile
+    ports: NodePorts
     labels: dict[str, str] = field(default_factory=dict)
     node_ip: str | None = None
     load_threshold: float | None = None
     allowed_hours: str | None = None
     drain_deadline_s: float = 30.0
+    ray_temp_dir: Path | None = None
 
 
 def state_files(state_dir: Path) -> dict[str, Path]:
@@ -110,49 +119,75 @@ class DonorAgent:
         self.donor_id: str | None = None
         self.secret: str | None = None
         self.heartbeat_interval_s = 5.0
-        self.state = "standby"  # standby | starting | active | draining
+        self.wait_s = 0.0  # how long the head may hold a standby heartbeat (it says so)
+        self.state = AgentState.STANDBY
         self._ray: subprocess.Popen[bytes] | None = None
         self._ray_started = threading.Event()
         self._ray_started_at = 0.0
-        self._start_lock: int | None = None
         self._pending_join: RayJoin | None = None
         self._crashes = 0  # raylets that died soon after starting, in a row
         self._raylet_missing = 0
         self._next_raylet_check = 0.0
         self._retry_after = 0.0
         self._stop = threading.Event()
-        self._stop_reason = "sigterm"
+        self._stop_reason = LeaveReason.SIGTERM
         self._stop_deadline_s: float | None = None
         self._owner_reason: str | None = None
         self._head_ok = True
+        self._backoff_s = 1.0
+        self._probe = PortProbe(cfg.ports.reachable_ports, cfg.node_ip or "0.0.0.0")
+        # What keeps this donor out of Ray, with the fix (told to the head in each heartbeat).
+        self._problem: str | None = None
+        self._problem_gcs: str | None = None
+        self._problem_checked = 0.0
+        self._held: threading.Thread | None = None
+        # Answers of held heartbeats; None when one failed (the head is away).
+        self._held_replies: queue.Queue[HeartbeatResponse | None] = queue.Queue()
 
     # ------------------------------------------------------------ identity
+
+    def advertised_ip(self) -> str | None:
+        """The address the head reaches this donor at: --node-ip, else this machine's on its route to the head."""
+        if self.cfg.node_ip:
+            return self.cfg.node_ip
+        from urllib.parse import urlparse
+
+        return local_ip_towards(urlparse(self.cfg.head_url).hostname or "127.0.0.1")
 
     def _load_identity(self) -> None:
         data = read_json(self.files["identity"]) or {}
         self.donor_id, self.secret = data.get("donor_id"), data.get("donor_secret")
 
     def register(self) -> None:
-        """Register (or re-register keeping the stored donor id); retries while the head is away."""
+        """Register (or re-register keeping the stored donor id); retries while the head is away.
+
+        Raises:
+            DonorError: the head refused the join token, or knows this donor id with
+                another secret: retrying cannot help.
+        """
         self._load_identity()
         req = RegisterRequest(
             name=self.cfg.name, device_class=self.cfg.device_class, owner=self.cfg.owner,
             profile=self.cfg.profile, caps=self.cfg.caps, labels=self.cfg.labels,
             donor_id=self.donor_id, donor_secret=self.secret,
+            node_ip=self.advertised_ip(), ray_ports=list(self.cfg.ports.reachable_ports),
         )
         backoff = 1.0
         while not self._stop.is_set():
             try:
                 resp = self.client.register(req, self.cfg.join_token)
                 break
+            except Conflict as exc:
+                raise DonorError(f"the head refused this donor: {exc.message}",
+                                 hint=f"remove {self.files['identity']} and join again as a new donor") from None
+            except AuthError as exc:
+                raise DonorError(f"the head refused the join token: {exc.message}",
+                                 hint="ask the operator for a valid join token (`dgpt token create` on the head)") from None
             except (HeadUnreachable, ApiError) as exc:
-                if isinstance(exc, ApiError) and not _transient(exc):
-                    raise DonorError(f"the head refused to register this donor: {exc.message}",
-                                     hint=exc.hint or "check the join token (`dgpt token create` on the head)") from None
-                log.warning("head not ready, retrying in %.0fs: %s", backoff, exc.message)
+                log.warning("%s; retrying in %.0fs", _head_problem(exc, self.cfg.head_url), backoff)
                 # Jittered backoff: a fleet of donors must not return to a restarted head in lockstep.
                 self._stop.wait(backoff * random.uniform(0.8, 1.2))
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
         else:
             return
         self.donor_id, self.secret = resp.donor_id, resp.donor_secret
@@ -178,7 +213,7 @@ class DonorAgent:
     def _raylet_gone(self) -> bool:
         """True once an active donor's raylet has been missing for a second (checked each second)."""
         now = time.monotonic()
-        if self.state != "active" or now < self._next_raylet_check:
+        if self.state is not AgentState.ACTIVE or now < self._next_raylet_check:
             return False
         self._next_raylet_check = now + 1.0
         self._raylet_missing = 0 if self._raylet_pid() is not None else self._raylet_missing + 1
@@ -200,46 +235,47 @@ class DonorAgent:
     def ray_running(self) -> bool:
         return self._ray is not None and self._ray.poll() is None
 
-    def _try_start_lock(self) -> bool:
-        """Take the host-wide raylet start lock without waiting.
-
-        Raylets of one host share Ray's session folder, and two starting at the same moment
-        race for the same numbered socket names there (one dies with EADDRINUSE). So each
-        agent on a host starts its raylet alone; donors on different hosts never wait.
-        """
-        if self._start_lock is not None:
-            return True
-        fd = os.open(str(RAYLET_START_LOCK), os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._start_lock = fd
-        return True
-
-    def _release_start_lock(self) -> None:
-        if self._start_lock is not None:
-            fcntl.flock(self._start_lock, fcntl.LOCK_UN)
-            os.close(self._start_lock)
-            self._start_lock = None
-
     def _maybe_start_ray(self) -> None:
-        """Start the raylet the head asked for, once the start lock and crash backoff allow."""
+        """Start the raylet the head asked for, once the crash backoff allows."""
         join = self._pending_join
         if join is None or self.ray_running() or self._owner_reason is not None:
             self._pending_join = None if self.ray_running() or self._owner_reason else join
             return
-        if time.monotonic() < self._retry_after or not self._try_start_lock():
+        if time.monotonic() < self._retry_after:
             return
         self._pending_join = None
+        problem = gcs_problem(join.gcs_address)
+        if problem is not None:
+            self._set_problem(problem, join.gcs_address)
+            return
+        self._set_problem(None)
+        self._probe.stop()  # the raylet takes these ports now
         self.start_ray(join)
+
+    def _listen_for_preflight(self) -> None:
+        """Answer on the Ray ports whenever no raylet holds them."""
+        if self._ray is None and not self._probe.listening:
+            problem = self._probe.start()
+            if problem is not None and problem != self._problem:
+                self._set_problem(problem)
+
+    def _set_problem(self, problem: str | None, gcs_address: str | None = None) -> None:
+        if problem != self._problem:
+            (log.error if problem else log.info)(problem or "the head's Ray GCS is reachable again")
+        self._problem = problem
+        self._problem_gcs = gcs_address if problem else None
+        self._problem_checked = time.monotonic()
+
+    def _recheck_problem(self) -> None:
+        """Every minute, see whether what kept this donor out of Ray is fixed."""
+        if self._problem_gcs is None or time.monotonic() - self._problem_checked < 60:
+            return
+        self._set_problem(gcs_problem(self._problem_gcs), self._problem_gcs)
 
     def _raylet_exited(self, code: int | None) -> None:
         """A raylet that dies soon after starting is retried with a growing, capped backoff."""
         ran_s = time.monotonic() - self._ray_started_at
-        self._release_start_lock()
-        if self.state == "draining":
+        if self.state is AgentState.DRAINING:
             return
         if code == 0:
             self._crashes = 0
@@ -255,29 +291,16 @@ class DonorAgent:
             self._crashes = 0
             log.warning("raylet exited by itself (code %s)", code)
 
+    def ray_argv(self, join: RayJoin) -> list[str]:
+        """The `ray start --block` command line that joins this donor to the cluster."""
+        spec = NodeSpec(ports=self.cfg.ports, labels=join.labels, num_cpus=join.num_cpus, num_gpus=join.num_gpus,
+                        node_ip=self.cfg.node_ip, temp_dir=self.cfg.ray_temp_dir, memory_bytes=join.memory_bytes,
+                        object_store_bytes=object_store_bytes(join.memory_bytes), resources=join.resources)
+        return donor_argv(spec, join.gcs_address)
+
     def start_ray(self, join: RayJoin) -> None:
         write_secret(self.files["ray_token"], join.auth_token)
-        labels = ",".join(f"{k}={v}" for k, v in sorted(join.labels.items()))
-        ray_bin = str(Path(sys.executable).with_name("ray"))
-        argv = [
-            ray_bin, "start", "--block",
-            f"--address={join.gcs_address}",
-            f"--num-cpus={join.num_cpus:g}",
-            f"--num-gpus={join.num_gpus}",
-            f"--memory={join.memory_bytes}",
-            f"--object-store-memory={object_store_bytes(join.memory_bytes)}",
-            f"--resources={json.dumps(join.resources)}",
-            f"--labels={labels}",
-            # Free ports: several donors may share a host (the local fabric), and a donor
-            # machine's own services may hold Ray's defaults.
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            "--disable-usage-stats",
-        ]
-        if self.cfg.node_ip:
-            argv.append(f"--node-ip-address={self.cfg.node_ip}")
+        argv = self.ray_argv(join)
         env = dict(os.environ)
         env.update({
             "RAY_AUTH_MODE": "token",
@@ -289,6 +312,8 @@ class DonorAgent:
         env.pop("RAY_ADDRESS", None)
         env.pop("RAY_AUTH_TOKEN", None)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        if self.cfg.ray_temp_dir is not None:
+            self.cfg.ray_temp_dir.mkdir(parents=True, exist_ok=True)
         self._ray_started.clear()
         self._ray_started_at = time.monotonic()
         self._raylet_missing = 0
@@ -297,9 +322,8 @@ class DonorAgent:
             preexec_fn=_die_with_parent, start_new_session=True,
         )
         threading.Thread(target=self._pump_ray_output, args=(self._ray,), daemon=True).start()
-        self.state = "starting"
-        log.info("starting raylet: %d CPU, %d GPU, %.1f GiB, labels %s", join.num_cpus, join.num_gpus,
-                 join.memory_bytes / 2**30, labels)
+        self.state = AgentState.STARTING
+        log.info("starting raylet: %g CPU, %d GPU, %.1f GiB", join.num_cpus, join.num_gpus, join.memory_bytes / 2**30)
 
     def _pump_ray_output(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
@@ -315,19 +339,19 @@ class DonorAgent:
             if self._ray.poll() is None:
                 stop_tree(self._ray.pid, grace_s=grace_s)
             self._ray = None
-        self.state = "standby"
+        self.state = AgentState.STANDBY
 
-    def drain(self, reason: str, deadline_s: float | None = None) -> None:
+    def drain(self, reason: LeaveReason, deadline_s: float | None = None) -> None:
         """Leave the cluster gracefully: DrainNode through the head, wait, stop the raylet."""
         if not self.ray_running():
             self.stop_ray()
             return
-        self.state = "draining"
+        self.state = AgentState.DRAINING
         deadline_s = deadline_s or self.cfg.drain_deadline_s
-        log.info("draining (%s), deadline %.0fs", reason, deadline_s)
+        log.info("draining (%s), deadline %.0fs", reason.value, deadline_s)
         try:
             assert self.donor_id and self.secret
-            resp = self.client.leave(self.donor_id, self.secret, LeaveRequest(reason=reason, deadline_s=deadline_s))  # type: ignore[arg-type]
+            resp = self.client.leave(self.donor_id, self.secret, LeaveRequest(reason=reason, deadline_s=deadline_s))
             deadline_s = resp.deadline_s
             log.info("head: %s", resp.message)
         except (HeadUnreachable, ApiError) as exc:
@@ -353,53 +377,81 @@ class DonorAgent:
 
     # ------------------------------------------------------------ heartbeat
 
+    def _beat(self) -> Heartbeat:
+        return Heartbeat(state=self.state, owner_active=self._owner_reason is not None, owner_reason=self._owner_reason,
+                         problem=self._problem)
+
     def _heartbeat_now(self) -> HeartbeatResponse | None:
+        """One heartbeat, answered at once; None while the head is away (the agent goes on)."""
         if not self.donor_id or not self.secret:
             return None
-        hb = Heartbeat(state=self.state, node_id=None, owner_active=self._owner_reason is not None,  # type: ignore[arg-type]
-                       owner_reason=self._owner_reason)
         try:
-            resp = self.client.heartbeat(self.donor_id, self.secret, hb)
-        except NotFound:
-            # The head lost this donor (new database): register again under the same id.
-            log.warning("head does not know donor %s; registering again", self.donor_id)
+            resp = self.client.heartbeat(self.donor_id, self.secret, self._beat())
+        except AuthError:
+            # Unknown donor and wrong secret answer alike: the head lost this donor (a new
+            # database) or never knew it. Register again under the same id and secret.
+            log.warning("the head does not accept donor %s; registering again", self.donor_id)
             self.register()
             return None
-        except (AuthError, Conflict) as exc:
-            raise DonorError(f"the head refused this donor: {exc.message}",
-                             hint=f"remove {self.files['identity']} and join again with a valid token") from None
         except (HeadUnreachable, ApiError) as exc:
-            if isinstance(exc, ApiError) and not _transient(exc):
-                raise
             # The head is away or restarting: keep the raylet as it is and try again.
             if self._head_ok:
-                log.warning("head not answering; keeping the current state and retrying: %s", exc.message)
+                log.warning("%s; keeping the current state and retrying", _head_problem(exc, self.cfg.head_url))
             self._head_ok = False
+            self._backoff_s = min(self._backoff_s * 2, _MAX_BACKOFF_S)
             return None
+        return self._answered(resp)
+
+    def _answered(self, resp: HeartbeatResponse) -> HeartbeatResponse:
         if not self._head_ok:
             log.info("head reachable again")
         self._head_ok = True
+        self._backoff_s = 1.0
         self.heartbeat_interval_s = resp.heartbeat_interval_s
+        self.wait_s = resp.wait_s
         self._write_status()
         return resp
 
+    def _should_hold(self) -> bool:
+        return self.state is AgentState.STANDBY and self._owner_reason is None and self.wait_s > 0
+
+    def _start_held_heartbeat(self) -> None:
+        """Send a heartbeat the head may hold (long-poll), from a thread: the main loop must
+        keep watching the owner and the raylet meanwhile."""
+        if self._held is not None and self._held.is_alive():
+            return
+        assert self.donor_id and self.secret
+        donor_id, secret, wait_s, hb = self.donor_id, self.secret, self.wait_s, self._beat()
+        hb = hb.model_copy(update={"wait_s": wait_s})
+
+        def poll() -> None:
+            client = DonorClient(self.cfg.head_url, timeout_s=wait_s + _HOLD_SLACK_S)
+            try:
+                self._held_replies.put(client.heartbeat(donor_id, secret, hb))
+            except Exception as exc:  # the main loop's next plain heartbeat handles the head
+                log.debug("held heartbeat failed: %s", exc)
+                self.wait_s = 0.0
+                self._held_replies.put(None)
+            finally:
+                client.close()
+
+        self._held = threading.Thread(target=poll, name="held-heartbeat", daemon=True)
+        self._held.start()
+
     def _act(self, resp: HeartbeatResponse) -> None:
-        if resp.action == "activate" and resp.ray and not self.ray_running() and self._owner_reason is None:
+        if resp.action is HeartbeatAction.ACTIVATE and resp.ray and not self.ray_running() and self._owner_reason is None:
             self._pending_join = resp.ray
             self._maybe_start_ray()
-        elif resp.action == "drain" and self.ray_running():
-            self.drain("autoscaler")
-        elif resp.action == "stop":
-            self._stop_reason = "shutdown"
-            self._stop.set()
+        elif resp.action is HeartbeatAction.DRAIN and self.ray_running():
+            self.drain(LeaveReason.AUTOSCALER, resp.drain_deadline_s)
 
     def _write_status(self) -> None:
-        write_json(self.files["status"], {"donor_id": self.donor_id, "state": self.state, "pid": os.getpid(),
+        write_json(self.files["status"], {"donor_id": self.donor_id, "state": self.state.value, "pid": os.getpid(),
                                           "owner_active": self._owner_reason, "at": time.time()})
 
     # ------------------------------------------------------------ main loop
 
-    def request_stop(self, reason: str = "sigterm", deadline_s: float | None = None) -> None:
+    def request_stop(self, reason: LeaveReason = LeaveReason.SIGTERM, deadline_s: float | None = None) -> None:
         """Drain and exit; ``deadline_s`` shortens the drain (the whole fabric is stopping)."""
         self._stop_reason = reason
         self._stop_deadline_s = deadline_s
@@ -410,15 +462,19 @@ class DonorAgent:
         become_subreaper()
         write_json(self.files["pid"], {"pid": os.getpid()})
         try:
+            self._listen_for_preflight()  # before registering: the head checks at once
             self.register()
             next_beat = 0.0
             while not self._stop.is_set():
-                self._owner_reason = next((r for d in self.detectors if (r := d.owner_active())), None)
-                if self._owner_reason and self.ray_running() and self.state != "draining":
-                    kind = "paused" if "paused" in self._owner_reason else (
-                        "outside-hours" if "hours" in self._owner_reason else "owner-active")
+                self._listen_for_preflight()
+                self._recheck_problem()
+                owner = next((r for d in self.detectors if (r := d.owner_active())), None)
+                if owner != self._owner_reason:
+                    next_beat = 0.0  # tell the head at once
+                self._owner_reason = owner
+                if self._owner_reason and self.ray_running() and self.state is not AgentState.DRAINING:
                     log.info("owner is back: %s", self._owner_reason)
-                    self.drain(kind)
+                    self.drain(_leave_reason(self._owner_reason))
                     next_beat = 0.0
                 if self._ray is not None and self._ray.poll() is None and self._raylet_gone():
                     # A raylet that Ray drained (IDLE_TERMINATION) exits cleanly, and
@@ -428,31 +484,59 @@ class DonorAgent:
                 if self._ray is not None and self._ray.poll() is not None:
                     self._raylet_exited(self._ray.returncode)
                     self._ray = None
-                    self.state = "standby"
+                    self.state = AgentState.STANDBY
                     next_beat = 0.0
-                if self.state == "starting" and self._ray_started.is_set():
-                    self.state = "active"
-                    self._release_start_lock()
+                if self.state is AgentState.STARTING and self._ray_started.is_set():
+                    self.state = AgentState.ACTIVE
                     next_beat = 0.0
-                elif self.state == "starting" and time.monotonic() - self._ray_started_at > RAYLET_START_TIMEOUT_S:
-                    self._release_start_lock()  # slow, not dead: let other donors of this host start
                 self._maybe_start_ray()
+                while not self._held_replies.empty():
+                    held = self._held_replies.get_nowait()
+                    if held is not None:
+                        self._act(self._answered(held))
+                    next_beat = time.monotonic() + (self.heartbeat_interval_s if held is not None else 0.0)
                 if time.monotonic() >= next_beat:
-                    resp = self._heartbeat_now()
-                    if resp is not None:
-                        self._act(resp)
-                    # Jitter so a fleet of donors does not heartbeat in lockstep.
-                    next_beat = time.monotonic() + self.heartbeat_interval_s * random.uniform(0.9, 1.1)
+                    if self._should_hold():
+                        self._start_held_heartbeat()
+                        next_beat = time.monotonic() + self.wait_s + _HOLD_SLACK_S
+                    else:
+                        resp = self._heartbeat_now()
+                        if resp is not None:
+                            self._act(resp)
+                        interval = self.heartbeat_interval_s if self._head_ok else self._backoff_s
+                        # Jitter so a fleet of donors does not heartbeat in lockstep.
+                        next_beat = time.monotonic() + interval * random.uniform(0.9, 1.1)
                 reap_orphans(keep=[self._ray.pid] if self._ray is not None else [])
                 self._stop.wait(POLL_S)
             self.drain(self._stop_reason, self._stop_deadline_s)
             return 0
         finally:
-            self._release_start_lock()
+            self._probe.stop()
             if self._ray is not None:
                 self.stop_ray(grace_s=10)
             self.files["pid"].unlink(missing_ok=True)
             self.files["status"].unlink(missing_ok=True)
+
+
+def _leave_reason(owner_reason: str) -> LeaveReason:
+    if "paused" in owner_reason:
+        return LeaveReason.PAUSED
+    if "hours" in owner_reason:
+        return LeaveReason.OUTSIDE_HOURS
+    return LeaveReason.OWNER_ACTIVE
+
+
+def _head_problem(exc: Exception, head_url: str) -> str:
+    """What is wrong with reaching the head, with the fix."""
+    if isinstance(exc, HeadUnreachable):
+        return (f"cannot reach the head at {head_url}: {exc.message.split(': ', 1)[-1]} (check the URL, that the head "
+                "runs - `dgpt head start` - and that the head's firewall lets this machine reach its API port)")
+    if isinstance(exc, ApiError) and exc.status_code == 404:
+        return (f"{head_url} answered 404: is this the head's control-plane API (DGPT_API_PORT, default 8080), "
+                "not its Serve port?")
+    if isinstance(exc, ApiError) and exc.status_code >= 500:
+        return f"the head is starting or restarting ({exc.status_code})"
+    return f"the head answered {exc}"
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -460,11 +544,6 @@ def _tail(path: Path, lines: int) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def _transient(exc: ApiError) -> bool:
-    # 5xx: the control plane is restarting or briefly broken; the donor waits it out.
-    return exc.status_code >= 500
 
 
 # Ray needs at least this much object store; below it `ray start` refuses to run.
@@ -489,9 +568,9 @@ def _die_with_parent() -> None:
 def install_signal_handlers(agent: DonorAgent) -> None:
     def handler(signum: int, _frame: Any) -> None:
         if signum == SHUTDOWN_SIGNAL:
-            agent.request_stop("shutdown", SHUTDOWN_DRAIN_S)
+            agent.request_stop(LeaveReason.SHUTDOWN, SHUTDOWN_DRAIN_S)
         else:
-            agent.request_stop("sigterm" if signum == signal.SIGTERM else "leave")
+            agent.request_stop(LeaveReason.SIGTERM if signum == signal.SIGTERM else LeaveReason.LEAVE)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

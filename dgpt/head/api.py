@@ -1,27 +1,36 @@
-"""The control plane: dgpt's REST API (FastAPI), served by Ray Serve on the head under /api.
+"""The control plane's REST API (FastAPI), served on the head by its own ASGI server.
 
 Routes live under ``/api/v1``; the OpenAPI schema is at ``/api/openapi.json`` and the docs at
-``/api/docs``. Donors authenticate with their join token (register) and then their donor
-secret; apps and the CLI with an API key. Every body is validated by the models in
-``dgpt.sdk.models``: a bad field gets a 422 that names it, and nothing is stored.
-"""
+``/api/docs``. It runs in the control-plane process next to the registry (no Ray call per
+request) and on its own port, apart from Serve's inference proxy, so inference load cannot
+starve donors' heartbeats. Three security schemes, all ``Authorization: Bearer``: a join
+token (register), a donor secret (heartbeat, leave), an API key (everything an app or an
+operator does). Every error has one shape (``ErrorBody``): a bad field gets a 422 that
+names it, and a refused request stores nothing.
 
+Standby donors long-poll: a heartbeat with ``wait_s`` is held until the autoscaler
+activates the donor or the wait ends (at most ``MAX_HELD`` at once).
+"""
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Path, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from ray import serve
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dgpt.config import Settings
+from dgpt.contract import DonorState
 from dgpt.exceptions import ApiError, DgptError
-from dgpt.head.registry import HEAD_RESOURCE, NAMESPACE, REGISTRY_NAME
+from dgpt.head.registry import Registry
 from dgpt.sdk.models import (
     ClusterView,
     DonorView,
+    ErrorBody,
     Heartbeat,
     HeartbeatResponse,
     JobSubmitRequest,
@@ -37,44 +46,169 @@ from dgpt.sdk.models import (
 
 log = logging.getLogger("dgpt.api")
 
-app = FastAPI(
-    title="dgpt control plane",
-    version="1",
-    description="Donors, jobs and cluster status of a dgpt fabric.",
-    # Serve mounts this app under /api: the schema's paths are relative to it.
-    servers=[{"url": "/api"}],
-)
+API_VERSION = "1.1.0"
+#: Request bodies larger than this are refused with 413 before they are read.
+MAX_BODY_BYTES = 1 << 20
+#: Heartbeats held open at once; past it standby donors are answered at once, with their
+#: full interval (each held request is a socket and a few KB on the head).
+MAX_HELD = 20_000
+
+DonorId = Annotated[str, Path(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$",
+                              description="The donor's id (`d-...`, or the name a local-fabric donor joined with).")]
+TokenId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9]+$")]
+JobId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[-A-Za-z0-9_.:]+$")]
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, value = authorization.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+class Recorded(BaseModel):
+    status: str = "recorded"
 
 
-@app.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        problems.append({"field": loc, "problem": err.get("msg", "invalid")})
-    message = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
-    return JSONResponse(status_code=422, content={"error": "invalid request", "message": message, "detail": problems})
+class Revoked(BaseModel):
+    status: str = "revoked"
 
 
-def _error_response(exc: DgptError) -> JSONResponse:
-    status = exc.status_code if isinstance(exc, ApiError) else 500
-    return JSONResponse(status_code=status, content={"error": type(exc).__name__, "message": exc.message, "hint": exc.hint})
+class Health(BaseModel):
+    status: str = "ok"
 
 
-@app.exception_handler(DgptError)
-async def _dgpt_error(_: Request, exc: DgptError) -> JSONResponse:
-    return _error_response(exc)
+class HeadServices(Protocol):
+    """What the API needs besides the registry (the control plane provides it; tests fake it)."""
+
+    def autoscaler_status(self) -> dict[str, Any]: ...
+
+    def cluster_resources(self) -> tuple[dict[str, float], dict[str, float]]: ...
+
+    def jobs(self) -> Any: ...
+
+    ray_address: str
+    dashboard_url: str
 
 
-# Defined before the deployment class: Serve snapshots the class (and what it can see) when
-# it is decorated, so helpers defined after it are missing in the replica.
+# ---------------------------------------------------------------- errors
+
+_ERR = {"model": ErrorBody}
+_DESCRIPTIONS = {
+    400: "The body could not be parsed.",
+    401: "Missing, wrong or revoked credentials.",
+    404: "No such donor, token or job.",
+    409: "The request clashes with current state.",
+    413: f"The body is larger than {MAX_BODY_BYTES} bytes.",
+    422: "A field is invalid; `detail` names each one.",
+    502: "Ray refused the request.",
+    503: "The control plane is starting or restarting; retry.",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {**_ERR, "description": _DESCRIPTIONS[code]} for code in (400, 413, 422, *codes)}
+
+
+def _error(status: int, error: str, message: str, hint: str | None = None,
+           detail: list[dict[str, str]] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": error, "message": message, "hint": hint}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(status_code=status, content=body)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes with 413, before reading them."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await _error(413, "payload too large", f"the body has {int(length)} bytes; at most {self.limit} are accepted",
+                         hint="send a smaller request")(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _error(413, "payload too large", f"the body has more than {self.limit} bytes",
+                         hint="send a smaller request")(scope, receive, send)
+
+
+class _TooLarge(BaseException):
+    # Not an Exception: the framework's body parsing would turn one into a 400.
+    pass
+
+
+# ---------------------------------------------------------------- held heartbeats
+
+
+class HeldHeartbeats:
+    """Standby donors' heartbeats waiting for an activation (long-poll)."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    async def wait(self, donor_id: str, timeout_s: float) -> bool:
+        """Hold until :meth:`wake` or ``timeout_s``; True when woken."""
+        self._loop = asyncio.get_running_loop()
+        event = self._events.setdefault(donor_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            if self._events.get(donor_id) is event:
+                del self._events[donor_id]
+
+    def wake(self, donor_id: str) -> None:
+        """Wake the donor's held heartbeat, if any (thread-safe: the autoscaler calls it)."""
+        loop = self._loop
+        if loop is None or donor_id not in self._events:
+            return
+        loop.call_soon_threadsafe(self._set, donor_id)
+
+    def _set(self, donor_id: str) -> None:
+        event = self._events.get(donor_id)
+        if event is not None:
+            event.set()
+
+
+# ---------------------------------------------------------------- auth
+
+_join_scheme = HTTPBearer(scheme_name="joinToken", auto_error=False,
+                          description="A join token for donors: `dgpt token create` on the head.")
+_donor_scheme = HTTPBearer(scheme_name="donorSecret", auto_error=False,
+                           description="The donor secret returned once by registration.")
+_api_scheme = HTTPBearer(scheme_name="apiKey", auto_error=False,
+                         description="An API key: `$DGPT_HOME/head/api_key`, or `dgpt token create --kind api`.")
+
+
+def _join_token(creds: HTTPAuthorizationCredentials | None = Security(_join_scheme)) -> str | None:
+    return creds.credentials if creds else None
+
+
+def _donor_secret(creds: HTTPAuthorizationCredentials | None = Security(_donor_scheme)) -> str | None:
+    return creds.credentials if creds else None
+
+
+def _api_key(creds: HTTPAuthorizationCredentials | None = Security(_api_scheme)) -> str | None:
+    return creds.credentials if creds else None
+
+
 def _job_view(info: Any) -> JobView:
     def secs(ms: int | None) -> float | None:
         return ms / 1000.0 if ms else None
@@ -90,175 +224,192 @@ def _job_view(info: Any) -> JobView:
     )
 
 
-@serve.deployment(
-    name="control-plane",
-    num_replicas=1,
-    max_ongoing_requests=256,
-    ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.01}},
-    health_check_period_s=5,
-)
-@serve.ingress(app)
-class ControlPlane:
-    """One replica on the head; all state lives in the registry actor's SQLite file."""
+# ---------------------------------------------------------------- the app
 
-    def __init__(self, settings_json: str) -> None:
-        self.settings = Settings.model_validate_json(settings_json)
-        self._registry: Any = None
-        self._jobs: Any = None
 
-    # ---------------------------------------------------------------- helpers
+def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats | None = None) -> FastAPI:
+    """The control plane's ASGI app over ``registry``; ``held`` receives long-polls."""
+    held = held or HeldHeartbeats()
+    registry.on_wake = held.wake
+    app = FastAPI(
+        title="dgpt control plane",
+        version=API_VERSION,
+        description="Donors, jobs, tokens and cluster status of a dgpt fabric.",
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.state.held = held
 
-    def _get_registry(self) -> Any:
-        import ray
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":  # its loc is the byte offset, not a field
+                problems.append({"field": "body", "problem": f"invalid JSON: {err.get('ctx', {}).get('error', '')}"})
+                continue
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            problems.append({"field": loc, "problem": str(err.get("msg", "invalid"))})
+        message = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+        return _error(422, "invalid request", message, hint="fix the named field(s)", detail=problems)
 
-        if self._registry is None:
-            self._registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
-        return self._registry
+    @app.exception_handler(DgptError)
+    async def _dgpt_error(_: Request, exc: DgptError) -> JSONResponse:
+        status = exc.status_code if isinstance(exc, ApiError) else 500
+        return _error(status, type(exc).__name__, exc.message, exc.hint)
 
-    async def _call(self, method: str, *args: Any) -> Any:
-        """Call the registry; unwrap our own errors so FastAPI maps them to statuses."""
-        import ray
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        names = {400: "bad request", 404: "not found", 405: "method not allowed"}
+        return _error(exc.status_code, names.get(exc.status_code, "error"), str(exc.detail))
 
+    def require_key(key: str | None) -> None:
+        registry.check_api_key(key)
+
+    async def blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def jobs_call(name: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await getattr(self._get_registry(), method).remote(*args)
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if hasattr(exc, "cause") else None
-            if isinstance(cause, DgptError):
-                raise cause from None
-            raise
-        except ray.exceptions.RayActorError:
-            # The registry restarts by itself (max_restarts=-1); ask the caller to retry.
-            self._registry = None
-            raise ApiError("the registry is restarting", 503, hint="retry in a few seconds") from None
-
-    async def _autoscaler_status(self) -> dict[str, Any]:
-        """The autoscaler's bounds, last tick and recent decisions; an error note while it restarts."""
-        import ray
-
-        from autoscaler.loop import AUTOSCALER_NAME
-
-        try:
-            actor = ray.get_actor(AUTOSCALER_NAME, namespace=NAMESPACE)
-            return dict(await asyncio.wait_for(actor.status.remote(), timeout=10))
-        except Exception as exc:
-            return {"error": f"autoscaler unavailable: {type(exc).__name__}: {str(exc)[:200]}"}
-
-    async def _require_key(self, authorization: str | None) -> None:
-        await self._call("check_api_key", _bearer(authorization))
-
-    def _job_client(self) -> Any:
-        from ray.job_submission import JobSubmissionClient
-
-        if self._jobs is None:
-            self._jobs = JobSubmissionClient(f"http://127.0.0.1:{self.settings.dashboard_port}")
-        return self._jobs
-
-    async def _jobs_call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await asyncio.to_thread(getattr(self._job_client(), fn), *args, **kwargs)
+            return await blocking(getattr(services.jobs(), name), *args, **kwargs)
         except RuntimeError as exc:
             text = str(exc)
             if "does not exist" in text or "not found" in text.lower():
                 raise ApiError(text, 404, hint="list jobs with `dgpt job list`") from None
             raise ApiError(f"Ray Jobs refused the request: {text}", 502) from None
 
-    # ---------------------------------------------------------------- health
+    # ------------------------------------------------------------ health
 
-    @app.get("/v1/health")
-    async def health(self) -> dict[str, str]:
-        await self._call("ping")
-        return {"status": "ok"}
+    @app.get("/api/v1/health", response_model=Health, tags=["head"], responses={503: {**_ERR, "description": _DESCRIPTIONS[503]}})
+    async def health() -> Health:
+        return Health()
 
-    # ---------------------------------------------------------------- donors
+    # ------------------------------------------------------------ donors
 
-    @app.post("/v1/donors", response_model=RegisterResponse, status_code=201)
-    async def register(self, req: RegisterRequest, authorization: str | None = Header(None)) -> RegisterResponse:
-        return await self._call("register", req, _bearer(authorization))
+    @app.post("/api/v1/donors", response_model=RegisterResponse, status_code=201, tags=["donors"],
+              responses=_errors(401, 409))
+    async def register(req: RegisterRequest, token: str | None = Depends(_join_token)) -> RegisterResponse:
+        """Register a donor with a join token; answers its id and secret (kept across rejoins)."""
+        return registry.register(req, token)
 
-    @app.post("/v1/donors/{donor_id}/heartbeat", response_model=HeartbeatResponse)
-    async def heartbeat(self, donor_id: str, hb: Heartbeat, authorization: str | None = Header(None)) -> HeartbeatResponse:
-        return await self._call("heartbeat", donor_id, _bearer(authorization), hb)
+    @app.post("/api/v1/donors/{donor_id}/heartbeat", response_model=HeartbeatResponse, tags=["donors"],
+              responses=_errors(401))
+    async def heartbeat(donor_id: DonorId, hb: Heartbeat, secret: str | None = Depends(_donor_secret)) -> HeartbeatResponse:
+        """Report the agent's state; the answer says what to do next (standby, activate, drain).
 
-    @app.post("/v1/donors/{donor_id}/leave", response_model=LeaveResponse)
-    async def leave(
-        self,
-        donor_id: str,
-        req: LeaveRequest,
-        authorization: str | None = Header(None),
-        x_dgpt_api_key: str | None = Header(None),
-    ) -> LeaveResponse:
-        return await self._call("leave", donor_id, _bearer(authorization), x_dgpt_api_key, req)
+        A standby donor may ask the head to hold the request up to ``wait_s`` seconds: it is
+        answered as soon as the autoscaler activates it.
+        """
+        resp, hold_s = registry.heartbeat(donor_id, secret, hb, can_hold=len(held) < MAX_HELD)
+        if hold_s > 0 and await held.wait(donor_id, hold_s):
+            resp, _ = registry.heartbeat(donor_id, secret, hb, can_hold=False)
+        return resp
 
-    @app.get("/v1/donors", response_model=list[DonorView])
-    async def list_donors(self, authorization: str | None = Header(None)) -> list[DonorView]:
-        await self._require_key(authorization)
-        return await self._call("list_donors")
+    @app.post("/api/v1/donors/{donor_id}/leave", response_model=LeaveResponse, tags=["donors"],
+              responses=_errors(401))
+    async def leave(donor_id: DonorId, req: LeaveRequest, secret: str | None = Depends(_donor_secret)) -> LeaveResponse:
+        """The donor leaves: its node drains through Ray's DrainNode with a deadline."""
+        return await blocking(registry.leave, donor_id, secret, req)
 
-    @app.get("/v1/donors/{donor_id}", response_model=DonorView)
-    async def get_donor(self, donor_id: str, authorization: str | None = Header(None)) -> DonorView:
-        await self._require_key(authorization)
-        return await self._call("get_donor", donor_id)
+    @app.get("/api/v1/donors", response_model=list[DonorView], tags=["donors"], responses={
+        **_errors(401),
+        200: {"description": "A page of donors in registration order.", "headers": {
+            "X-Next-Cursor": {"description": "Pass as `after` for the next page; absent on the last.",
+                              "schema": {"type": "string"}},
+            "X-Total-Count": {"description": "How many donors match (when cheap to know).",
+                              "schema": {"type": "integer"}}}}})
+    async def list_donors(
+        response: Response,
+        key: str | None = Depends(_api_key),
+        state: DonorState | None = Query(None, description="Only donors in this state."),
+        owner: str | None = Query(None, min_length=1, max_length=63, description="Only this owner's donors."),
+        device_class: str | None = Query(None, min_length=1, max_length=63, description="Only this device class."),
+        after: str | None = Query(None, min_length=1, max_length=63, description="The previous page's X-Next-Cursor."),
+        limit: int = Query(500, ge=1, le=5000, description="Donors per page."),
+    ) -> list[DonorView]:
+        """List donors, paginated and filtered."""
+        require_key(key)
+        page, cursor, total = registry.list_donors(state=state, owner=owner, device_class=device_class,
+                                                   after=after, limit=limit)
+        if cursor:
+            response.headers["X-Next-Cursor"] = cursor
+        if total is not None:
+            response.headers["X-Total-Count"] = str(total)
+        return page
 
-    @app.post("/v1/donors/{donor_id}/drain", response_model=LeaveResponse)
-    async def drain_donor(self, donor_id: str, req: LeaveRequest, authorization: str | None = Header(None)) -> LeaveResponse:
-        await self._require_key(authorization)
-        return await self._call("drain_donor", donor_id, req.reason, req.deadline_s or self.settings.drain_deadline_s)
+    @app.get("/api/v1/donors/{donor_id}", response_model=DonorView, tags=["donors"], responses=_errors(401, 404))
+    async def get_donor(donor_id: DonorId, key: str | None = Depends(_api_key)) -> DonorView:
+        """One donor: profile, caps, state, labels, sessions, reliability."""
+        require_key(key)
+        return registry.donor_view(donor_id)
 
-    @app.post("/v1/donors/{donor_id}/sessions", status_code=201)
-    async def import_session(self, donor_id: str, session: SessionImport,
-                             authorization: str | None = Header(None)) -> dict[str, str]:
-        """Import a finished session (history from elsewhere); seeds reliability."""
-        await self._require_key(authorization)
-        await self._call("record_session", donor_id, session.started_at, session.ended_at, session.ended_as)
-        return {"status": "recorded"}
+    @app.post("/api/v1/donors/{donor_id}/drain", response_model=LeaveResponse, tags=["donors"],
+              responses=_errors(401, 404))
+    async def drain_donor(donor_id: DonorId, req: LeaveRequest, key: str | None = Depends(_api_key)) -> LeaveResponse:
+        """An operator drains a donor (DrainNode with a deadline)."""
+        require_key(key)
+        return await blocking(registry.drain_donor, donor_id, req.reason,
+                              req.deadline_s or registry.settings.drain_deadline_s)
 
-    # ---------------------------------------------------------------- tokens
+    @app.post("/api/v1/donors/{donor_id}/sessions", response_model=Recorded, status_code=201, tags=["donors"],
+              responses=_errors(401, 404))
+    async def import_session(donor_id: DonorId, session: SessionImport, key: str | None = Depends(_api_key)) -> Recorded:
+        """Import a finished session (history from elsewhere); it seeds the donor's reliability."""
+        require_key(key)
+        registry.record_session(donor_id, session.started_at, session.ended_at, session.ended_as)
+        return Recorded()
 
-    @app.post("/v1/tokens", response_model=TokenView, status_code=201)
-    async def create_token(self, req: TokenCreateRequest, authorization: str | None = Header(None)) -> TokenView:
-        await self._require_key(authorization)
-        return await self._call("create_token", req.kind, req.label)
+    # ------------------------------------------------------------ tokens
 
-    @app.get("/v1/tokens", response_model=list[TokenView])
-    async def list_tokens(self, authorization: str | None = Header(None)) -> list[TokenView]:
-        await self._require_key(authorization)
-        return await self._call("list_tokens")
+    @app.post("/api/v1/tokens", response_model=TokenView, status_code=201, tags=["tokens"], responses=_errors(401))
+    async def create_token(req: TokenCreateRequest, key: str | None = Depends(_api_key)) -> TokenView:
+        """Create a join token (donors) or an API key (apps); the secret is in this answer only."""
+        require_key(key)
+        return registry.create_token(req.kind, req.label)
 
-    @app.delete("/v1/tokens/{token_id}")
-    async def revoke_token(self, token_id: str, authorization: str | None = Header(None)) -> dict[str, str]:
-        await self._require_key(authorization)
-        await self._call("revoke_token", token_id)
-        return {"status": "revoked"}
+    @app.get("/api/v1/tokens", response_model=list[TokenView], tags=["tokens"], responses=_errors(401))
+    async def list_tokens(key: str | None = Depends(_api_key)) -> list[TokenView]:
+        """Every token, never its secret."""
+        require_key(key)
+        return registry.list_tokens()
 
-    # ---------------------------------------------------------------- cluster
+    @app.delete("/api/v1/tokens/{token_id}", response_model=Revoked, tags=["tokens"], responses=_errors(401, 404))
+    async def revoke_token(token_id: TokenId, key: str | None = Depends(_api_key)) -> Revoked:
+        """Revoke a token: it is refused from now on."""
+        require_key(key)
+        registry.revoke_token(token_id)
+        return Revoked()
 
-    @app.get("/v1/cluster", response_model=ClusterView)
-    async def cluster(self, authorization: str | None = Header(None)) -> ClusterView:
-        await self._require_key(authorization)
-        import ray
+    # ------------------------------------------------------------ cluster
 
-        counts = await self._call("counts")
-        total = await asyncio.to_thread(ray.cluster_resources)
-        avail = await asyncio.to_thread(ray.available_resources)
-        changes = await self._call("recent_changes")
-        autoscaler = await self._autoscaler_status()
-        autoscaler["donor_changes"] = [{"at": t, "donor_id": d, "what": w} for t, d, w in changes[-20:]]
+    @app.get("/api/v1/cluster", response_model=ClusterView, tags=["head"], responses=_errors(401))
+    async def cluster(key: str | None = Depends(_api_key)) -> ClusterView:
+        """Donors by state, Ray's resources, the autoscaler's last decisions."""
+        require_key(key)
+        counts = registry.counts()
+        total, avail = await blocking(services.cluster_resources)
+        autoscaler = await blocking(services.autoscaler_status)
+        autoscaler["donor_changes"] = [{"at": t, "donor_id": d, "what": w} for t, d, w in registry.recent_changes()]
+        autoscaler["standby_heartbeat_interval_s"] = round(registry.standby_interval_s(), 1)
+        autoscaler["held_heartbeats"] = len(held)
         return ClusterView(
             donors_by_state=counts,
-            active_donors=counts.get("active", 0),
-            standby_donors=counts.get("standby", 0),
+            active_donors=counts.get(DonorState.ACTIVE.value, 0),
+            standby_donors=counts.get(DonorState.STANDBY.value, 0),
             resources_total=total,
             resources_available=avail,
             autoscaler=autoscaler,
-            ray_address=ray.get_runtime_context().gcs_address,
-            dashboard_url=f"http://{self.settings.node_ip or '127.0.0.1'}:{self.settings.dashboard_port}",
+            ray_address=services.ray_address,
+            dashboard_url=services.dashboard_url,
         )
 
-    # ---------------------------------------------------------------- jobs
+    # ------------------------------------------------------------ jobs
 
-    @app.post("/v1/jobs", response_model=JobView, status_code=201)
-    async def submit_job(self, req: JobSubmitRequest, authorization: str | None = Header(None)) -> JobView:
-        await self._require_key(authorization)
+    @app.post("/api/v1/jobs", response_model=JobView, status_code=201, tags=["jobs"], responses=_errors(401, 404, 502))
+    async def submit_job(req: JobSubmitRequest, key: str | None = Depends(_api_key)) -> JobView:
+        """Submit a Ray job (entrypoint and runtime_env)."""
+        require_key(key)
         kwargs: dict[str, Any] = {"entrypoint": req.entrypoint, "runtime_env": req.runtime_env, "metadata": req.metadata}
         if req.submission_id:
             kwargs["submission_id"] = req.submission_id
@@ -266,32 +417,34 @@ class ControlPlane:
             kwargs["entrypoint_num_cpus"] = req.entrypoint_num_cpus
         if req.entrypoint_num_gpus is not None:
             kwargs["entrypoint_num_gpus"] = req.entrypoint_num_gpus
-        job_id = await self._jobs_call("submit_job", **kwargs)
-        return await self.job_status(job_id, authorization)
+        job_id = await jobs_call("submit_job", **kwargs)
+        return _job_view(await jobs_call("get_job_info", job_id))
 
-    @app.get("/v1/jobs", response_model=list[JobView])
-    async def list_jobs(self, authorization: str | None = Header(None)) -> list[JobView]:
-        await self._require_key(authorization)
-        jobs = await self._jobs_call("list_jobs")
-        return [_job_view(j) for j in jobs if j.submission_id]
+    @app.get("/api/v1/jobs", response_model=list[JobView], tags=["jobs"], responses=_errors(401, 502))
+    async def list_jobs(key: str | None = Depends(_api_key)) -> list[JobView]:
+        """Jobs submitted through Ray's Jobs API."""
+        require_key(key)
+        return [_job_view(j) for j in await jobs_call("list_jobs") if j.submission_id]
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobView)
-    async def job_status(self, job_id: str, authorization: str | None = Header(None)) -> JobView:
-        await self._require_key(authorization)
-        return _job_view(await self._jobs_call("get_job_info", job_id))
+    @app.get("/api/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], responses=_errors(401, 404, 502))
+    async def job_status(job_id: JobId, key: str | None = Depends(_api_key)) -> JobView:
+        """One job's status."""
+        require_key(key)
+        return _job_view(await jobs_call("get_job_info", job_id))
 
-    @app.get("/v1/jobs/{job_id}/logs", response_class=PlainTextResponse)
-    async def job_logs(self, job_id: str, authorization: str | None = Header(None)) -> str:
-        await self._require_key(authorization)
-        return await self._jobs_call("get_job_logs", job_id)
+    @app.get("/api/v1/jobs/{job_id}/logs", response_class=PlainTextResponse, tags=["jobs"],
+             responses={**_errors(401, 404, 502), 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                                        "description": "The job's driver log."}})
+    async def job_logs(job_id: JobId, key: str | None = Depends(_api_key)) -> str:
+        """A job's driver log."""
+        require_key(key)
+        return str(await jobs_call("get_job_logs", job_id))
 
-    @app.delete("/v1/jobs/{job_id}", response_model=JobView)
-    async def stop_job(self, job_id: str, authorization: str | None = Header(None)) -> JobView:
-        await self._require_key(authorization)
-        await self._jobs_call("stop_job", job_id)
-        return await self.job_status(job_id, authorization)
+    @app.delete("/api/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], responses=_errors(401, 404, 502))
+    async def stop_job(job_id: JobId, key: str | None = Depends(_api_key)) -> JobView:
+        """Stop a job."""
+        require_key(key)
+        await jobs_call("stop_job", job_id)
+        return _job_view(await jobs_call("get_job_info", job_id))
 
-
-def build(settings: Settings) -> Any:
-    """The Serve application of the control plane."""
-    return ControlPlane.bind(settings.model_dump_json())  # type: ignore[attr-defined]
+    return app

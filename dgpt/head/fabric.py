@@ -1,27 +1,31 @@
 """The embedded default: a head and N simulated donors on this machine (`dgpt up` / `dgpt down`).
 
 Each simulated donor is a real donor agent process with its own caps, device class, owner
-and state folder, and its own raylet. ``$DGPT_HOME/fabric.json`` records every pid, so
-`dgpt down` stops exactly what `dgpt up` started.
+and state folder, and its own raylet with a Ray temp folder of its own (as on a separate
+machine: its own sockets, logs and unpacked runtime envs). ``$DGPT_HOME/fabric.json``
+records every pid, so `dgpt down` stops exactly what `dgpt up` started, and removes the
+donors' Ray temp folders.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dgpt.config import Settings, load_settings
+from dgpt.config import Settings, load_settings, parse_port_range
 from dgpt.donor.agent import SHUTDOWN_DRAIN_S, SHUTDOWN_SIGNAL
 from dgpt.exceptions import FabricError
+from dgpt.head.paths import head_paths, ray_temp_dir
 from dgpt.head.process import head_running, settings_env, start_head, stop_head
-from dgpt.head.registry import head_paths
 from dgpt.processes import (
     alive,
     free_port,
+    port_in_use,
     read_json,
     spawn_detached,
     stop_tree,
@@ -33,13 +37,19 @@ from dgpt.sdk.client import Client
 
 @dataclass(frozen=True)
 class DonorSpec:
-    """One simulated donor: its caps and identity on the local fabric."""
+    """One simulated donor: its caps and identity on the local fabric, and where it listens.
+
+    ``port_base`` / ``worker_ports``: its own block of fixed Ray ports and worker range
+    (simulated donors share one machine's ports); 0 / "" until :func:`up` assigns them.
+    """
 
     name: str
     device_class: str
     owner: str
     cpus: float
     memory_gb: float
+    port_base: int = 0
+    worker_ports: str = ""
 
 
 # Three classes of very different size, so placement and status show heterogeneity.
@@ -48,8 +58,8 @@ _CLASSES = (("laptop", 1.0, 1.5), ("desktop", 2.0, 2.0), ("server", 2.0, 3.0))
 
 def donor_specs(n: int) -> list[DonorSpec]:
     """N simulated donors, cycling through device classes, each its own owner."""
-    if not 0 <= n <= 16:
-        raise FabricError(f"--donors {n} must be between 0 and 16 on one machine")
+    if not 0 <= n <= MAX_LOCAL_DONORS:
+        raise FabricError(f"--donors {n} must be between 0 and {MAX_LOCAL_DONORS} on one machine")
     specs = []
     for i in range(n):
         cls, cpus, mem = _CLASSES[i % len(_CLASSES)]
@@ -57,15 +67,56 @@ def donor_specs(n: int) -> list[DonorSpec]:
     return specs
 
 
+#: Simulated donor i of the local fabric listens on the block ``ray_node_port_base + 10 * (i + 1)``.
+PORT_BLOCK_STRIDE = 10
+MAX_LOCAL_DONORS = 16
+
+
+def local_port_layout(settings: Settings, n_donors: int) -> tuple[str, list[tuple[int, str]]]:
+    """Ports of a local fabric: the head's worker range, and each donor's port base and range.
+
+    The donors share the machine, so each gets its own block of fixed ports and its own
+    slice of ``ray_worker_ports`` (the head the first slice).
+
+    Raises:
+        FabricError: the worker range is too small to slice for this many donors.
+    """
+    lo, hi = parse_port_range(settings.ray_worker_ports)
+    width = (hi - lo + 1) // (n_donors + 1)
+    if width < 16:
+        raise FabricError(f"ray_worker_ports {settings.ray_worker_ports} is too small for a head and {n_donors} donors "
+                          "on one machine", hint="widen DGPT_RAY_WORKER_PORTS (at least 16 ports per node)")
+    slices = [f"{lo + i * width}-{lo + (i + 1) * width - 1}" for i in range(n_donors + 1)]
+    donors = [(settings.ray_node_port_base + PORT_BLOCK_STRIDE * (i + 1), slices[i + 1]) for i in range(n_donors)]
+    return slices[0], donors
+
+
+def _free_block(size: int) -> int:
+    """A base port whose ``size`` ports from there are free now (outside the ephemeral range)."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 32767 - size, PORT_BLOCK_STRIDE)
+        if not any(port_in_use(p) for p in range(base, base + size)):
+            return base
+    raise FabricError(f"found no {size} free ports in a row in 20000-32767", hint="stop other fabrics on this machine")
+
+
 def private_settings(home: Path, **overrides: Any) -> Settings:
     """Settings for a fabric of its own: ``home``, free ports, loopback only, no ``DGPT_*`` read.
 
     Tests and benchmarks start their fabrics with these, so they never clash with a fabric
-    already running on the machine.
+    already running on the machine: free head ports, a free block of node ports for the head
+    and up to 16 donors, and a random 1,700-port window of Ray's worker range.
     """
-    return load_settings({"home": home, "ray_port": free_port(), "dashboard_port": free_port(),
-                          "http_port": free_port(), "node_ip": "127.0.0.1", "http_host": "127.0.0.1", **overrides},
-                         env={})
+    import random
+
+    workers_lo = random.randrange(10002, 19999 - 1700)
+    defaults = {"home": home, "ray_port": free_port(), "dashboard_port": free_port(), "http_port": free_port(),
+                "api_port": free_port(), "node_ip": "127.0.0.1", "http_host": "127.0.0.1",
+                "ray_node_port_base": _free_block(PORT_BLOCK_STRIDE * (MAX_LOCAL_DONORS + 1)),
+                "ray_worker_ports": f"{workers_lo}-{workers_lo + 1699}"}
+    return load_settings({**defaults, **overrides}, env={})
 
 
 def fabric_file(settings: Settings) -> Path:
@@ -92,6 +143,9 @@ def donor_argv(settings: Settings, spec: DonorSpec, token_file: Path) -> list[st
         "--cpus", f"{spec.cpus:g}",
         "--memory-gb", f"{spec.memory_gb:g}",
         "--state-dir", str(settings.home / "donors" / spec.name),
+        "--ray-temp-dir", str(ray_temp_dir(settings.home, spec.name)),
+        "--ray-port-base", str(spec.port_base),
+        "--worker-ports", spec.worker_ports,
         # Simulated donors share one machine: each other's load is not an owner coming back.
         "--load-threshold", "off",
     ]
@@ -131,8 +185,12 @@ def up(settings: Settings, n_donors: int, progress: Callable[[str, float], None]
         raise FabricError(f"a fabric already runs for DGPT_HOME={settings.home}", hint="stop it with `dgpt down`")
     if head_running(settings):
         raise FabricError(f"a head already runs for DGPT_HOME={settings.home}", hint="stop it with `dgpt down`")
+    head_workers, donor_ports = local_port_layout(settings, len(specs))
+    specs = [spec if spec.port_base else replace(spec, port_base=base, worker_ports=workers)
+             for spec, (base, workers) in zip(specs, donor_ports, strict=True)]
     say("starting the head (Ray head, Serve, control plane)", 0.05)
-    head = start_head(settings, on_wait=lambda s: say(f"starting the head ({s:.0f}s)", 0.05 + min(s / 60, 1) * 0.35))
+    head = start_head(settings.model_copy(update={"ray_worker_ports": head_workers}),
+                      on_wait=lambda s: say(f"starting the head ({s:.0f}s)", 0.05 + min(s / 60, 1) * 0.35))
     record: dict[str, Any] = {"head_pid": head["pid"], "donors": [], "started_at": time.time(), "home": str(settings.home)}
     write_json(fabric_file(settings), record)
     client = api_client(settings)
@@ -207,6 +265,8 @@ def down(settings: Settings, progress: Callable[[str, float], None] | None = Non
             killed += len(pids)
     say("stopping the head", 0.6)
     head_stopped = stop_head(settings)
+    for d in record.get("donors", []):
+        shutil.rmtree(ray_temp_dir(settings.home, d["name"]), ignore_errors=True)
     fabric_file(settings).unlink(missing_ok=True)
     say("fabric stopped", 1.0)
     return {"donors": len(donors), "head": int(head_stopped), "killed": killed}

@@ -1,15 +1,14 @@
-"""Starting and stopping the head: the Ray head node, Serve, the registry and the control plane.
+"""Starting and stopping the head: the Ray head node, Serve's proxy and the control plane.
 
 `dgpt head start` spawns a supervisor (``python -m dgpt.head.process``) in its own session.
 The supervisor runs ``ray start --head --block`` as its child (Ray's processes die with that
-child), bootstraps the registry actor and the control plane Serve app, writes ``head.json``
-and then waits. SIGTERM to the supervisor stops the whole head; `dgpt head stop` does that.
+child), starts the control-plane actor (registry, REST API, autoscaler) pinned to the head
+node and Serve's proxy, writes ``head.json`` and then waits. SIGTERM to the supervisor stops
+the whole head; `dgpt head stop` does that.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import secrets
@@ -22,34 +21,29 @@ from typing import Any
 
 import psutil
 
+from dgpt import contract
 from dgpt.config import Settings, load_settings
 from dgpt.exceptions import FabricError
-from dgpt.head.registry import HEAD_RESOURCE, NAMESPACE, REGISTRY_NAME, head_paths
+from dgpt.head.paths import head_paths, ray_temp_dir
 from dgpt.processes import (
     alive,
     become_subreaper,
-    free_port,
     port_in_use,
     read_json,
     reap_orphans,
     spawn_detached,
     stop_tree,
+    stop_trees,
     wait_until,
     write_json,
     write_secret,
 )
+from dgpt.ray_node import NodePorts, NodeSpec, head_argv
 
-CONTROL_PLANE_APP = "dgpt"
+#: How long the head's Ray processes get to exit on stop before SIGKILL.
+HEAD_STOP_GRACE_S = 5.0
 # Settings a running head records in head.json so later commands find it with DGPT_HOME alone.
-RUNTIME_KEYS = ("ray_port", "dashboard_port", "http_port", "node_ip")
-CONTROL_PLANE_PREFIX = "/api"
-
-
-def ray_temp_dir(home: Path) -> Path:
-    # Unix socket paths are limited to 107 bytes, so Ray's temp dir must be short even when
-    # DGPT_HOME is deep (pytest tmp dirs): one short folder per DGPT_HOME.
-    digest = hashlib.sha1(str(home.resolve()).encode()).hexdigest()[:10]
-    return Path("/tmp") / f"dgpt-{digest}"
+RUNTIME_KEYS = ("ray_port", "dashboard_port", "http_port", "api_port", "node_ip")
 
 
 def ray_env(token_path: Path, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -84,7 +78,7 @@ def head_addresses(settings: Settings) -> dict[str, str]:
         "ray_address": f"{host}:{settings.ray_port}",
         "dashboard_url": f"http://{host}:{settings.dashboard_port}",
         "api_url": settings.api_url,
-        "serve_url": settings.local_head_url,
+        "serve_url": settings.serve_url,
     }
 
 
@@ -119,73 +113,58 @@ def prepare_state(settings: Settings) -> dict[str, Path]:
 
 def ray_head_argv(settings: Settings) -> list[str]:
     ip = settings.node_ip or "127.0.0.1"
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    return [
-        ray_bin, "start", "--head", "--block",
-        f"--port={settings.ray_port}",
-        f"--node-ip-address={ip}",
-        "--dashboard-host=0.0.0.0" if settings.http_host == "0.0.0.0" else f"--dashboard-host={ip}",
-        f"--dashboard-port={settings.dashboard_port}",
-        "--include-dashboard=true",
-        f"--num-cpus={settings.head_cpus:g}",
-        "--num-gpus=0",
-        f"--resources={json.dumps({HEAD_RESOURCE: 1})}",
-        "--labels=dgpt.io/role=head",
-        f"--temp-dir={ray_temp_dir(settings.home)}",
-        # Auxiliary ports: free ones, so several fabrics can share one machine.
-        f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        "--disable-usage-stats",
-    ]
+    spec = NodeSpec(ports=NodePorts(settings.ray_node_port_base, settings.ray_worker_ports),
+                    labels={contract.LABEL_ROLE: contract.ROLE_HEAD}, num_cpus=settings.head_cpus, node_ip=ip,
+                    temp_dir=ray_temp_dir(settings.home))
+    dashboard_host = "0.0.0.0" if settings.http_host == "0.0.0.0" else ip
+    return head_argv(spec, settings.ray_port, dashboard_host, settings.dashboard_port)
 
 
-def _start_head_actor(cls: type, name: str, settings: Settings, max_concurrency: int) -> None:
-    """A detached, restartable actor pinned to the head; returns once it answers ``ping``."""
+def _bootstrap(settings: Settings) -> None:
+    """The control-plane actor, pinned to this (the head) node, and Serve's proxy."""
     import ray
+    from ray import serve
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    actor: Any = ray.remote(cls).options(  # type: ignore[attr-defined]
-        name=name,
-        namespace=NAMESPACE,
+    from dgpt.head.control_plane import ControlPlane
+
+    gcs = f"{settings.node_ip or '127.0.0.1'}:{settings.ray_port}"
+    ray.init(address=gcs, namespace=contract.NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+    # Pinned by node identity, not by a custom resource any raylet could advertise.
+    head_node = ray.get_runtime_context().get_node_id()
+    actor: Any = ray.remote(ControlPlane).options(  # type: ignore[attr-defined]
+        name=contract.REGISTRY_ACTOR,
+        namespace=contract.NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         max_restarts=-1,
         max_task_retries=-1,
-        max_concurrency=max_concurrency,
+        max_concurrency=16,
         num_cpus=0,
-        resources={HEAD_RESOURCE: 0.01},
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head_node, soft=False),
     ).remote(settings.model_dump_json())
     ray.get(actor.ping.remote(), timeout=120)
-
-
-def _bootstrap(settings: Settings, paths: dict[str, Path]) -> None:
-    """Registry and autoscaler actors and the control-plane app, on a running Ray head."""
-    import ray
-    from ray import serve
-
-    from autoscaler.loop import AUTOSCALER_NAME, AutoscalerActor
-    from dgpt.head.api import build
-    from dgpt.head.registry import Registry
-
-    gcs = f"{settings.node_ip or '127.0.0.1'}:{settings.ray_port}"
-    ray.init(address=gcs, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
-    _start_head_actor(Registry, REGISTRY_NAME, settings, max_concurrency=16)
-    _start_head_actor(AutoscalerActor, AUTOSCALER_NAME, settings, max_concurrency=4)
-    serve.start(
-        http_options={"host": settings.http_host, "port": settings.http_port, "location": "HeadOnly"},
-    )
-    serve.run(build(settings), name=CONTROL_PLANE_APP, route_prefix=CONTROL_PLANE_PREFIX, blocking=False)
+    serve.start(http_options={"host": settings.http_host, "port": settings.http_port, "location": "HeadOnly"})
     ray.shutdown()
+
+
+def advertised(settings: Settings) -> Settings:
+    """``settings`` with the address donors must use: ``node_ip``, else this machine's
+    primary non-loopback address (a head on 127.0.0.1 is unreachable from other machines)."""
+    if settings.node_ip:
+        return settings
+    from dgpt.netaddr import primary_ip
+
+    return settings.model_copy(update={"node_ip": primary_ip()})
 
 
 def run_supervisor(settings: Settings) -> int:
     """Run the head in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    settings = advertised(settings)
     paths = prepare_state(settings)
     become_subreaper()
     for port, name in ((settings.ray_port, "DGPT_RAY_PORT"), (settings.dashboard_port, "DGPT_DASHBOARD_PORT"),
-                       (settings.http_port, "DGPT_HTTP_PORT")):
+                       (settings.http_port, "DGPT_HTTP_PORT"), (settings.api_port, "DGPT_API_PORT")):
         if port_in_use(port, settings.node_ip or "127.0.0.1"):
             print(f"error: port {port} ({name}) is already in use; pick another with {name}=...", file=sys.stderr)
             return 2
@@ -212,7 +191,11 @@ def run_supervisor(settings: Settings) -> int:
             raise FabricError("the Ray head did not open its port within 120 s", hint=f"see {ray_log}")
         if ray_proc.poll() is not None:
             raise FabricError(f"`ray start --head` exited with code {ray_proc.returncode}", hint=f"see {ray_log}")
-        _bootstrap(settings, paths)
+        _bootstrap(settings)
+        # ray.init() installed its own SIGTERM handler (a bare sys.exit): ours again, so a
+        # stop always runs the clean-up below.
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
         write_json(paths["info"], {"pid": os.getpid(), "started_at": time.time(), **head_addresses(settings),
                                    "env": shell_env(settings), "settings": settings.model_dump(
                                        include=set(RUNTIME_KEYS), mode="json")})
@@ -225,12 +208,11 @@ def run_supervisor(settings: Settings) -> int:
         print(f"error: head failed to start: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        if ray_proc.poll() is None:
-            # Nothing on the head needs draining; Ray workers that outlive their raylet get 10 s.
-            stop_tree(ray_proc.pid, grace_s=10)
-        # Orphans adopted from a `ray start` that exited first (we are their subreaper).
-        for child in psutil.Process().children():
-            stop_tree(child.pid, grace_s=10)
+        # Nothing on the head needs draining (every record is committed as it happens), so
+        # `ray start` and its processes, and orphans adopted from it (we are their
+        # subreaper), share one short grace period before SIGKILL.
+        stop_trees([ray_proc.pid, *(c.pid for c in psutil.Process().children() if c.pid != ray_proc.pid)],
+                   grace_s=HEAD_STOP_GRACE_S)
         paths["info"].unlink(missing_ok=True)
 
 
@@ -251,6 +233,7 @@ def start_head(settings: Settings, timeout_s: float = 180.0, on_wait: Any = None
     """
     import httpx
 
+    settings = advertised(settings)
     paths = prepare_state(settings)
     if head_running(settings):
         raise FabricError(f"a head already runs for DGPT_HOME={settings.home}", hint="stop it with `dgpt head stop`")
@@ -283,7 +266,7 @@ def start_head(settings: Settings, timeout_s: float = 180.0, on_wait: Any = None
     return {"pid": pid, **head_addresses(settings)}
 
 
-def stop_head(settings: Settings, grace_s: float = 45.0) -> bool:
+def stop_head(settings: Settings, grace_s: float = 30.0) -> bool:
     """Stop the head of this DGPT_HOME by pid. Returns False if none was running."""
     paths = head_paths(settings.home)
     pid_info = read_json(paths["pid"])

@@ -7,13 +7,12 @@ Ray is imported lazily: ``import dgpt`` must stay light.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from dgpt.contract import LABEL_DONOR_ID
 from dgpt.exceptions import RayAdapterError
-
-DONOR_ID_LABEL = "dgpt.io/donor-id"
-ROLE_LABEL = "dgpt.io/role"
+from dgpt.resources import Demand, Gang, Resources
 
 # DrainNode reasons we use; Ray rejects IDLE_TERMINATION of a busy node, never PREEMPTION.
 DRAIN_PREEMPTION = "preemption"
@@ -34,7 +33,7 @@ class RayNode:
 
     @property
     def donor_id(self) -> str | None:
-        return self.labels.get(DONOR_ID_LABEL)
+        return self.labels.get(LABEL_DONOR_ID)
 
 
 @dataclass(frozen=True)
@@ -48,31 +47,6 @@ class NodeUsage:
     status: str  # RUNNING | IDLE | DRAINING | DEAD
 
 
-@dataclass(frozen=True)
-class DemandShape:
-    """One resource request Ray cannot satisfy now: its resources and required node labels."""
-
-    resources: dict[str, float]
-    label_selector: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class GangRequest:
-    """A pending placement group: its bundles and Ray strategy (PACK, SPREAD, STRICT_*)."""
-
-    bundles: list[DemandShape]
-    strategy: str = "PACK"
-
-
-@dataclass(frozen=True)
-class ClusterDemand:
-    """Unmet demand: pending tasks/actors, pending placement groups, request_resources()."""
-
-    shapes: list[DemandShape] = field(default_factory=list)
-    gangs: list[GangRequest] = field(default_factory=list)
-    constraints: list[DemandShape] = field(default_factory=list)
-
-
 def _selector(request: Any) -> dict[str, str]:
     """Equality label constraints of a request (``key in {one value}``); others are not demand shapes."""
     out: dict[str, str] = {}
@@ -84,8 +58,8 @@ def _selector(request: Any) -> dict[str, str]:
     return out
 
 
-def _shape(request: Any) -> DemandShape:
-    return DemandShape(dict(request.resources_bundle), _selector(request))
+def _shape(request: Any) -> Resources:
+    return Resources.from_ray(dict(request.resources_bundle), _selector(request))
 
 
 def _strategy(gang: Any) -> str:
@@ -187,7 +161,7 @@ class RayAdapter:
         except Exception as exc:
             raise RayAdapterError(f"announcing the autoscaler to the GCS failed: {exc}") from exc
 
-    def _v1_resource_request(self) -> list[DemandShape]:
+    def _v1_resource_request(self) -> list[Resources]:
         import json
 
         from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
@@ -197,9 +171,9 @@ class RayAdapter:
             bundles = json.loads(raw) if raw else []
         except Exception:
             return []  # absent or unreadable: no standing request
-        return [DemandShape({k: float(v) for k, v in b.items()}) for b in bundles if isinstance(b, dict)]
+        return [Resources.from_ray({k: float(v) for k, v in b.items()}) for b in bundles if isinstance(b, dict)]
 
-    def usage_and_demand(self) -> tuple[list[NodeUsage], ClusterDemand]:
+    def usage_and_demand(self) -> tuple[list[NodeUsage], Demand]:
         """Per-node usage and the cluster's unmet demand, from the GCS autoscaler state."""
         from ray.autoscaler.v2.sdk import get_cluster_resource_state
         from ray.core.generated import autoscaler_pb2
@@ -219,13 +193,13 @@ class RayAdapter:
             )
             for n in state.node_states
         ]
-        shapes: list[DemandShape] = []
+        pending: list[Resources] = []
         for req in state.pending_resource_requests:
-            shapes.extend([_shape(req.request)] * max(1, req.count))
-        gangs = [GangRequest([_shape(r) for r in g.requests], _strategy(g)) for g in state.pending_gang_resource_requests]
-        constraints: list[DemandShape] = []
+            pending.extend([_shape(req.request)] * max(1, req.count))
+        gangs = [Gang(tuple(_shape(r) for r in g.requests), _strategy(g)) for g in state.pending_gang_resource_requests]
+        constraints: list[Resources] = []
         for c in state.cluster_resource_constraints:
             for r in c.resource_requests:
                 constraints.extend([_shape(r.request)] * max(1, r.count))
         constraints.extend(self._v1_resource_request())
-        return usage, ClusterDemand(shapes=shapes, gangs=gangs, constraints=constraints)
+        return usage, Demand.of(pending, gangs, constraints)

@@ -1,283 +1,791 @@
-"""The registry actor: owns the SQLite store on the head and reconciles it with Ray's nodes.
+"""The registry: the live fleet in memory, its lifecycle applied, every change stored.
 
-It runs as a detached, restartable Ray actor named ``registry`` in namespace ``dgpt``,
-pinned to the head (custom resource ``dgpt_head``). A restart re-opens the same SQLite
-file, so no donor, session or token is lost. Its monitor loop survives any tick's error.
+It owns the donors' records. Each is loaded once from SQLite when the control plane
+starts; after that, heartbeats are answered from memory, and every lifecycle change is
+written to SQLite (``dgpt.head.store``) before it is acted on, so killing the control plane
+loses no record. Only heartbeat times are batched, since a restart gives every donor a
+fresh timeout anyway. Reliability fits are cached per donor and refitted when one of its
+sessions ends; the fleet view that placement and the autoscaler read is maintained
+incrementally (``dgpt.head.fleet_index``). Nothing here imports Ray: the Ray adapter is
+injected, so unit tests drive the registry on a real SQLite file with a fake adapter.
+
+Standby donors long-poll: their heartbeat may be held open until the autoscaler activates
+them (``on_wake``), so an activation reaches a waiting donor at once. Their interval is
+chosen by the head so the whole standby fleet costs at most ``STANDBY_BEATS_PER_S``.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
-import traceback
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from dgpt import contract
 from dgpt.config import Settings
-from dgpt.head.store import HeartbeatDecision, NodeObservation, RegistryStore, donor_labels
-from dgpt.sdk.models import (
-    DonorView,
+from dgpt.contract import AgentState, DonorState, HeartbeatAction, LeaveReason, Target
+from dgpt.exceptions import AuthError, Conflict, InvalidRequest, NotFound
+from dgpt.fleet import FleetDonor, FleetView
+from dgpt.head.fleet_index import FleetIndex, Role
+from dgpt.head.lifecycle import (
+    Event,
     Heartbeat,
+    LeaveRequested,
+    Lifecycle,
+    NodeAlive,
+    NodeDead,
+    Outcome,
+    Registered,
+    Silent,
+    TargetSet,
+    step,
+)
+from dgpt.head.ray_adapter import DRAIN_IDLE, DRAIN_PREEMPTION, NodeUsage, RayNode
+from dgpt.head.store import DonorRow, RegistryStore, hash_secret
+from dgpt.netaddr import Reachability, tcp_reachable
+from dgpt.reliability.model import WeibullParams, fit_recorded, fit_recorded_many
+from dgpt.resources import Resources
+from dgpt.sdk.models import (
+    DeviceProfile,
+    DonorCaps,
+    DonorView,
     HeartbeatResponse,
     LeaveRequest,
     LeaveResponse,
     RayJoin,
     RegisterRequest,
     RegisterResponse,
+    SessionView,
     TokenView,
 )
+from dgpt.sdk.models import Heartbeat as HeartbeatRequest
 
 log = logging.getLogger("dgpt.registry")
 
-REGISTRY_NAME = "registry"
-NAMESPACE = "dgpt"
-HEAD_RESOURCE = "dgpt_head"
-# Serve routers rank replicas by P(their donor stays this long): a request's horizon is short,
-# but a replica that leaves costs its in-flight requests and a cold replacement.
+#: Sessions kept in memory per donor: enough for a reliability fit that the prior does not
+#: dominate, few enough that 100k donors fit in a few hundred MB.
+SESSIONS_KEPT = 20
+#: Heartbeats per second the whole standby fleet may cost the head. Standby donors stretch
+#: their interval to stay within it (never below ``standby_heartbeat_interval_s``).
+STANDBY_BEATS_PER_S = 500.0
+#: The longest interval a standby donor is given, whatever the fleet size.
+MAX_STANDBY_INTERVAL_S = 600.0
+#: After a held heartbeat is answered, the donor sends the next one this soon.
+REPOLL_S = 0.5
+#: Heartbeats of this payload version and later may be held (older agents do not long-poll).
+LONG_POLL_VERSION = 2
+#: Routers take a donor out of rotation once it misses this many heartbeat intervals.
+SUSPECT_AFTER_INTERVALS = 2.5
+#: Serve routers rank replicas by P(their donor stays this long): a request's horizon is
+#: short, but a replica that leaves costs its in-flight requests and a cold replacement.
 RELIABILITY_HORIZON_S = 3600.0
-NODE_STATES_TTL_S = 2.0
+#: Heartbeat times are flushed to SQLite this often (informational: see module docstring).
+HEARTBEAT_FLUSH_S = 10.0
+#: A donor whose Ray ports the head could not reach is checked again this often.
+PREFLIGHT_RECHECK_S = 300.0
+
+UNKNOWN_OR_WRONG = "unknown donor or wrong donor secret"
 
 
-def head_paths(home: Path) -> dict[str, Path]:
-    """Where the head keeps its state under ``DGPT_HOME``."""
-    head = home / "head"
+class RayPort(Protocol):
+    """What the registry needs of Ray (``dgpt.head.ray_adapter.RayAdapter``, or a fake)."""
+
+    def nodes(self) -> list[RayNode]: ...
+
+    def drain_node(self, node_id: str, reason: str, message: str, deadline_s: float) -> tuple[bool, str]: ...
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """The head's check that a donor's Ray ports answer, before it is told to start Ray."""
+
+    ok: bool
+    checked_at: float
+    problem: str = ""
+
+
+@dataclass
+class DonorEntry:
+    """One donor in memory: its stored row plus what the registry derives from it."""
+
+    row: DonorRow
+    labels: dict[str, str]
+    sessions: deque[SessionView]
+    reliability: WeibullParams
+    sessions_total: int = 0
+    sessions_lost: int = 0
+    uptime_closed_s: float = 0.0
+    last_heartbeat_at: float | None = None
+    # When the donor was last heard from, for its timeout: its last heartbeat, or the
+    # control plane's start (a restart gives every donor a fresh timeout to reach it).
+    heard_at: float = 0.0
+    timeout_s: float = 30.0
+    usage: NodeUsage | None = None
+    secret_hash: str = field(default="", repr=False)
+    # Preflight: the donor's Ray ports as the head reached them (None: not checked yet), and
+    # what the agent reported it cannot reach. Either keeps the donor from being activated.
+    reach: Preflight | None = None
+    agent_problem: str | None = None
+
+    @property
+    def problem(self) -> str | None:
+        if self.agent_problem:
+            return self.agent_problem
+        if self.reach is not None and not self.reach.ok:
+            return self.reach.problem
+        return None
+
+    @property
+    def cleared(self) -> bool:
+        """May be activated: its ports were reached (or it reported none) and it reports no problem."""
+        return not self.agent_problem and (not self.row.ray_ports or (self.reach is not None and self.reach.ok))
+
+    @property
+    def lc(self) -> Lifecycle:
+        return self.row.lifecycle
+
+    @property
+    def donor_id(self) -> str:
+        return self.row.donor_id
+
+    @property
+    def gflops(self) -> float:
+        """The speed its work runs at: the GPU's when it offers GPUs, else the CPU's."""
+        p = self.row.profile
+        if self.row.caps.gpus and p.gpu_gflops:
+            return p.gpu_gflops
+        return p.cpu_gflops or 1.0
+
+    def session_started_at(self) -> float | None:
+        last = self.sessions[-1] if self.sessions else None
+        return last.started_at if last is not None and last.ended_at is None else None
+
+    def available_since(self) -> float:
+        """When its current availability began: its last session's end, else registration."""
+        ended = [s.ended_at for s in self.sessions if s.ended_at is not None]
+        return max(ended) if ended else self.row.registered_at
+
+
+def donor_resources(caps: DonorCaps) -> dict[str, float]:
+    """The Ray resources a donor's caps grant (DESIGN: ``donor`` plus CPU, GPU, memory)."""
+    res = {"CPU": float(caps.cpus), "memory": float(caps.memory_bytes), contract.DONOR_RESOURCE: 1.0}
+    if caps.gpus:
+        res["GPU"] = float(caps.gpus)
+    return res
+
+
+def donor_labels(donor_id: str, device_class: str, owner: str, profile: DeviceProfile, caps: DonorCaps) -> dict[str, str]:
+    """The dgpt.io/* node labels of a donor (DESIGN's naming contract)."""
+    gpu = contract.label_safe(profile.gpus[0].name) if caps.gpus and profile.gpus else contract.NO_GPU
     return {
-        "dir": head,
-        "db": head / "registry.sqlite",
-        "ray_token": head / "ray_auth_token",
-        "api_key": head / "api_key",
-        "pid": head / "head.pid",
-        "info": head / "head.json",
-        "log": home / "logs" / "head.log",
+        contract.LABEL_DONOR_ID: donor_id,
+        contract.LABEL_DEVICE_CLASS: device_class,
+        contract.LABEL_ROLE: contract.ROLE_DONOR,
+        contract.LABEL_OWNER: owner,
+        contract.LABEL_GPU: gpu,
     }
 
 
-class RegistryCore:
-    """The registry's logic, Ray-free apart from the injected adapter (tests call it directly)."""
+def _role(e: DonorEntry) -> Role:
+    lc = e.lc
+    if lc.node_id is not None and lc.state in (DonorState.ACTIVE, DonorState.DRAINING):
+        return Role.ACTIVE
+    if lc.owner_active or lc.state in (DonorState.GONE, DonorState.DRAINING):
+        return Role.NONE
+    if not e.cleared and lc.state is not DonorState.ACTIVATING:
+        return Role.NONE
+    if lc.state is DonorState.ACTIVATING or lc.target is Target.ACTIVE:
+        return Role.ACTIVATING
+    return Role.STANDBY
 
-    def __init__(self, settings: Settings, gcs_address: str, adapter: Any | None, clock: Any = time.time) -> None:
+
+class Registry:
+    """The live fleet: registration, heartbeats, leaves, reconciliation with Ray's nodes.
+
+    Thread-safe: the donor API, the monitor, the autoscaler and Ray actor calls each run
+    in their own thread and share one lock, held only for in-memory work and SQLite writes
+    (never for a call into Ray).
+    """
+
+    def __init__(self, settings: Settings, store: RegistryStore, adapter: RayPort | None, gcs_address: str,
+                 ray_token_path: Path | None = None, clock: Callable[[], float] = time.time,
+                 probe: Callable[[str, int], Reachability] = tcp_reachable) -> None:
         self.settings = settings
-        self.paths = head_paths(settings.home)
-        self.store = RegistryStore(self.paths["db"])
-        self.gcs_address = gcs_address
+        self.store = store
         self.adapter = adapter
+        self.gcs_address = gcs_address
+        self.ray_token_path = ray_token_path
         self.clock = clock
-        self.last_changes: list[tuple[float, str, str]] = []
-        self._reliability: dict[str, float] = {}
-        self._reliability_at = float("-inf")
-        api_key = self.paths["api_key"]
-        if api_key.is_file():
-            self.store.ensure_token("api", api_key.read_text().strip(), "head bootstrap key", clock())
+        self.probe = probe
+        self.on_wake: Callable[[str], None] = lambda donor_id: None
+        # Preflight checks wait on the network: a few at a time, off every request's path.
+        self._checks = ThreadPoolExecutor(max_workers=8, thread_name_prefix="preflight")
+        self._unreachable: set[str] = set()
+        self._lock = threading.RLock()
+        self._entries: dict[str, DonorEntry] = {}
+        self._by_state: Counter[DonorState] = Counter()
+        self._index = FleetIndex()
+        self._usage_at = 0.0
+        self._dirty_beats: set[str] = set()
+        self._flushed_at = clock()
+        self._expiry: dict[int, set[str]] = {}
+        self._expiry_key: dict[str, int] = {}
+        self._expired_upto = int(clock())
+        self.changes: deque[tuple[float, str, str]] = deque(maxlen=200)
+        self._load()
 
-    # donors -------------------------------------------------------------
+    # ------------------------------------------------------------ loading
+
+    def _load(self) -> None:
+        now = self.clock()
+        rows = self.store.load_donors()
+        recent = self.store.recent_sessions(SESSIONS_KEPT)
+        totals = self.store.session_totals()
+        fits = fit_recorded_many([(recent.get(r.donor_id, []), r.device_class) for r in rows], now)
+        for row, params in zip(rows, fits, strict=True):
+            n, lost, up_s = totals.get(row.donor_id, (0, 0, 0.0))
+            entry = DonorEntry(
+                row=row, labels=self._labels_of(row), sessions=deque(recent.get(row.donor_id, []), maxlen=SESSIONS_KEPT),
+                reliability=params, sessions_total=n, sessions_lost=lost, uptime_closed_s=up_s,
+                # A restart gives every donor one fresh timeout to reach the head again.
+                last_heartbeat_at=row.last_heartbeat_at, heard_at=now, secret_hash=row.secret_hash,
+            )
+            entry.timeout_s = self._timeout(entry, self._standby_interval())
+            self._entries[row.donor_id] = entry
+            self._by_state[row.lifecycle.state] += 1
+            self._reindex(entry)
+        if rows:
+            log.info("loaded %d donors (%s)", len(rows), dict(self._by_state))
+        for row in rows:
+            if row.ray_ports and row.lifecycle.state is not DonorState.GONE:
+                self.preflight(row.donor_id)
+
+    @staticmethod
+    def _labels_of(row: DonorRow) -> dict[str, str]:
+        return {**row.labels, **donor_labels(row.donor_id, row.device_class, row.owner, row.profile, row.caps)}
+
+    # ------------------------------------------------------------ helpers
+
+    def _get(self, donor_id: str) -> DonorEntry:
+        entry = self._entries.get(donor_id)
+        if entry is None:
+            raise NotFound(f"no donor {donor_id!r}", 404, hint="list donors with `dgpt donor list`")
+        return entry
+
+    def _authenticate(self, donor_id: str, secret: str | None) -> DonorEntry:
+        """The donor, if ``secret`` is its own. Unknown donors and wrong secrets answer alike,
+        so donor ids cannot be enumerated."""
+        entry = self._entries.get(donor_id)
+        if entry is None or not secret or not secrets.compare_digest(hash_secret(secret), entry.secret_hash):
+            raise AuthError(UNKNOWN_OR_WRONG, 401, hint="join again with `dgpt donor join` (a valid join token)")
+        return entry
+
+    def _standby_interval(self) -> float:
+        standby = self._by_state[DonorState.STANDBY] + self._by_state[DonorState.REGISTERED]
+        base = self.settings.standby_heartbeat_interval_s
+        return min(MAX_STANDBY_INTERVAL_S, max(base, standby / STANDBY_BEATS_PER_S))
+
+    def _timeout(self, entry: DonorEntry, standby_interval: float) -> float:
+        if entry.lc.state.running:
+            return self.settings.heartbeat_timeout_s
+        # A standby donor's heartbeat may be held a whole interval before it sends the next.
+        return standby_interval + self.settings.heartbeat_timeout_s
+
+    def _fleet_donor(self, e: DonorEntry) -> FleetDonor:
+        row, lc, u = e.row, e.lc, e.usage
+        caps = Resources(float(row.caps.cpus), float(row.caps.gpus), float(row.caps.memory_bytes))
+        running = lc.node_id is not None and lc.state in (DonorState.ACTIVE, DonorState.DRAINING)
+        available = idle_s = load = None
+        if running:
+            available = Resources.from_ray(u.available) if u is not None else caps
+            total_cpu = float(u.total.get("CPU", 0.0)) if u is not None else caps.cpus
+            load = 1.0 - available.cpus / total_cpu if total_cpu > 0 else 0.0
+            idle_s = u.idle_s if u is not None else 0.0
+        started = e.session_started_at()
+        return FleetDonor(
+            donor_id=row.donor_id, owner=row.owner, device_class=row.device_class, caps=caps, available=available,
+            gflops=e.gflops, labels=e.labels, reliability=e.reliability,
+            since_s=started if (running and started is not None) else e.available_since(),
+            node_id=lc.node_id, idle_s=idle_s or 0.0, load=load or 0.0,
+            draining=lc.state is DonorState.DRAINING or (u is not None and u.status == "DRAINING"),
+        )
+
+    def _reindex(self, e: DonorEntry) -> None:
+        self._index.put(self._fleet_donor(e), _role(e), e.heard_at + e.timeout_s)
+        self._arm_expiry(e)
+
+    def _arm_expiry(self, e: DonorEntry) -> None:
+        old = self._expiry_key.pop(e.donor_id, None)
+        if old is not None:
+            self._expiry.get(old, set()).discard(e.donor_id)
+        if e.lc.state is DonorState.GONE:
+            return
+        key = int(e.heard_at + e.timeout_s) + 1
+        self._expiry.setdefault(key, set()).add(e.donor_id)
+        self._expiry_key[e.donor_id] = key
+
+    def _apply(self, e: DonorEntry, out: Outcome, now: float) -> None:
+        """Store an outcome, then reflect it in memory (reliability, index, counts, log)."""
+        if out.lifecycle == e.lc and out.closed is None and out.opened is None:
+            return
+        ended, started = self.store.apply(e.donor_id, out.lifecycle, now, out.closed, out.opened)
+        if e.lc.state is not out.lifecycle.state:
+            self._by_state[e.lc.state] -= 1
+            self._by_state[out.lifecycle.state] += 1
+        e.row.lifecycle = out.lifecycle
+        if ended is not None:
+            if e.sessions and e.sessions[-1].ended_at is None:
+                e.sessions.pop()
+            e.sessions.append(ended)
+            e.uptime_closed_s += (ended.ended_at or now) - ended.started_at
+            e.sessions_lost += int(ended.ended_as is contract.SessionEnd.LOST)
+            # The one moment reliability changes: a session ended.
+            e.reliability = fit_recorded(e.sessions, e.row.device_class, now)
+            e.usage = None
+        if started is not None:
+            e.sessions.append(started)
+            e.sessions_total += 1
+        e.timeout_s = self._timeout(e, self._standby_interval())
+        self._reindex(e)
+        if out.change:
+            log.info("donor %s: %s", e.donor_id, out.change)
+            self.changes.append((now, e.donor_id, out.change))
+
+    def _step(self, e: DonorEntry, event: Event, now: float) -> Outcome:
+        out = step(e.lc, event, now, self.settings.drain_deadline_s)
+        self._apply(e, out, now)
+        return out
+
+    # ------------------------------------------------------------ the donor API
 
     def register(self, req: RegisterRequest, join_token: str | None) -> RegisterResponse:
-        donor_id, secret, reused = self.store.register(req, join_token, self.clock())
-        log.info("donor %s %s (%s, owner %s)", donor_id, "re-registered" if reused else "registered", req.device_class, req.owner)
-        return RegisterResponse(
-            donor_id=donor_id, donor_secret=secret, heartbeat_interval_s=self.settings.heartbeat_interval_s, reused=reused
-        )
+        """Register a donor, or register a known one again keeping its id.
 
-    def heartbeat(self, donor_id: str, secret: str | None, hb: Heartbeat) -> HeartbeatResponse:
-        self.store.authenticate_donor(donor_id, secret)
-        decision: HeartbeatDecision = self.store.heartbeat(donor_id, hb, self.clock(), self.settings.drain_deadline_s)
-        ray_join = self._ray_join(donor_id) if decision.action == "activate" else None
-        return HeartbeatResponse(
-            action=decision.action,  # type: ignore[arg-type]
-            ray=ray_join,
-            drain_deadline_s=decision.drain_deadline_s,
-            heartbeat_interval_s=self.settings.heartbeat_interval_s,
-            reason=decision.reason,
-        )
+        Raises:
+            AuthError: the join token is not valid. Nothing is stored.
+            Conflict: the donor id is known but the secret does not match.
+        """
+        token_id = self.store.check_token("join", join_token)
+        now = self.clock()
+        with self._lock:
+            existing = self._entries.get(req.donor_id) if req.donor_id else None
+            if existing is not None:
+                if req.donor_secret is None or not secrets.compare_digest(hash_secret(req.donor_secret),
+                                                                          existing.secret_hash):
+                    raise Conflict(f"donor_id {req.donor_id!r} is registered with another secret", 409,
+                                   hint="remove the donor's state folder to join as a new donor")
+                donor_id, secret = existing.row.donor_id, req.donor_secret
+                out = step(existing.lc, Registered(), now, self.settings.drain_deadline_s)
+                row = DonorRow(donor_id, existing.secret_hash, req.name, req.device_class, req.owner, req.profile,
+                               req.caps, dict(req.labels), existing.row.registered_at, now, token_id, existing.lc,
+                               req.node_ip, tuple(req.ray_ports))
+                self.store.save_donor(row)
+                if (row.node_ip, row.ray_ports) != (existing.row.node_ip, existing.row.ray_ports):
+                    existing.reach = None  # a new address: check it again
+                existing.row = row
+                existing.agent_problem = None
+                existing.labels = self._labels_of(row)
+                existing.last_heartbeat_at = existing.heard_at = now
+                self._apply(existing, out, now)
+                self._reindex(existing)
+                reused = True
+            else:
+                donor_id = req.donor_id or f"d-{uuid.uuid4().hex[:10]}"
+                secret = req.donor_secret or secrets.token_urlsafe(32)
+                row = DonorRow(donor_id, hash_secret(secret), req.name, req.device_class, req.owner, req.profile,
+                               req.caps, dict(req.labels), now, now, token_id, Lifecycle(), req.node_ip,
+                               tuple(req.ray_ports))
+                self.store.save_donor(row)
+                entry = DonorEntry(row=row, labels=self._labels_of(row), sessions=deque(maxlen=SESSIONS_KEPT),
+                                   reliability=fit_recorded((), req.device_class, now), last_heartbeat_at=now,
+                                   heard_at=now,
+                                   secret_hash=row.secret_hash)
+                entry.timeout_s = self._timeout(entry, self._standby_interval())
+                self._entries[donor_id] = entry
+                self._by_state[row.lifecycle.state] += 1
+                self._reindex(entry)
+                reused = req.donor_id is not None
+        log.info("donor %s %s (%s, owner %s)", donor_id, "re-registered" if reused else "registered",
+                 req.device_class, req.owner)
+        self.preflight(donor_id)
+        return RegisterResponse(donor_id=donor_id, donor_secret=secret, heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                                reused=reused)
 
-    def _ray_join(self, donor_id: str) -> RayJoin:
-        donor = self.store.get_donor(donor_id, max_sessions=0)
-        token = self.paths["ray_token"].read_text().strip()
-        return RayJoin(
-            gcs_address=self.gcs_address,
-            auth_token=token,
-            num_cpus=donor.caps.cpus,
-            num_gpus=donor.caps.gpus,
-            memory_bytes=donor.caps.memory_bytes,
-            resources={"donor": 1.0},
-            labels={**donor.labels, **donor_labels(donor_id, donor.device_class, donor.owner, donor.profile, donor.caps)},
-        )
+    def heartbeat(self, donor_id: str, secret: str | None, hb: HeartbeatRequest, can_hold: bool = False) -> tuple[HeartbeatResponse, float]:
+        """Record a heartbeat and decide what the donor does next.
 
-    def leave(self, donor_id: str, secret: str | None, api_key: str | None, req: LeaveRequest) -> LeaveResponse:
+        Args:
+            can_hold: the caller may hold this request open (long-poll) when nothing is to be
+                done now; then the answer tells the donor to come back soon.
+
+        Returns:
+            (the answer, how long the caller may hold it before sending; 0 = send now).
+        Raises:
+            AuthError: unknown donor or wrong secret (the two are not told apart).
+        """
+        now = self.clock()
+        with self._lock:
+            e = self._authenticate(donor_id, secret)
+            e.last_heartbeat_at = e.heard_at = now
+            if hb.problem != e.agent_problem:
+                e.agent_problem = hb.problem
+                if hb.problem:
+                    # It cannot join Ray (e.g. it cannot reach the GCS): let another donor go.
+                    log.warning("donor %s cannot join Ray: %s", donor_id, hb.problem)
+                    self._step(e, TargetSet(Target.STANDBY), now)
+                self._reindex(e)
+            out = self._step(e, Heartbeat(AgentState(hb.state), hb.owner_active, hb.owner_reason), now)
+            standby_interval = self._standby_interval()
+            e.timeout_s = self._timeout(e, standby_interval)
+            self._index.touch(donor_id, now + e.timeout_s)
+            self._arm_expiry(e)
+            self._dirty_beats.add(donor_id)
+            reply = out.reply
+            assert reply is not None  # every heartbeat outcome carries a reply
+            join = self._ray_join(e) if reply.action is HeartbeatAction.ACTIVATE and hb.state is AgentState.STANDBY else None
+        hold = 0.0
+        if reply.action is HeartbeatAction.STANDBY and not e.lc.state.running:
+            if can_hold and hb.v >= LONG_POLL_VERSION:
+                # Come back at once with a heartbeat the head may hold (this one, if it asked).
+                hold = min(hb.wait_s, standby_interval)
+                interval, wait = REPOLL_S, standby_interval
+            else:
+                # An agent that cannot long-poll, or a head holding all it can: the full interval.
+                interval, wait = standby_interval, (standby_interval if hb.v >= LONG_POLL_VERSION else 0.0)
+        else:
+            interval, wait = self.settings.heartbeat_interval_s, 0.0
+        reason = reply.reason
+        if reply.action is HeartbeatAction.STANDBY and e.problem:
+            reason = f"not activated: {e.problem}"
+        resp = HeartbeatResponse(action=reply.action, ray=join, drain_deadline_s=reply.deadline_s,
+                                 heartbeat_interval_s=interval, wait_s=wait, reason=reason)
+        return resp, hold
+
+    def _ray_join(self, e: DonorEntry) -> RayJoin:
+        token = self.ray_token_path.read_text().strip() if self.ray_token_path else ""
+        caps = e.row.caps
+        return RayJoin(gcs_address=self.gcs_address, auth_token=token, num_cpus=caps.cpus, num_gpus=caps.gpus,
+                       memory_bytes=caps.memory_bytes, resources={contract.DONOR_RESOURCE: 1.0}, labels=dict(e.labels))
+
+    # ------------------------------------------------------------ preflight
+
+    def preflight(self, donor_id: str) -> None:
+        """Check in the background that the head reaches the donor's Ray ports.
+
+        Until it passes the donor is not activated: a donor behind a firewall or NAT would
+        join Ray and be declared dead ~30 s later, again and again, each time a `lost`
+        session against its name.
+        """
+        with self._lock:
+            e = self._entries.get(donor_id)
+            if e is None or not e.row.ray_ports or e.row.node_ip is None:
+                return
+            host, ports = e.row.node_ip, e.row.ray_ports
+        self._checks.submit(self._run_preflight, donor_id, host, ports)
+
+    def _run_preflight(self, donor_id: str, host: str, ports: tuple[int, ...]) -> None:
+        try:
+            results = [self.probe(host, port) for port in ports]
+            bad = [r for r in results if not r.ok]
+            if bad:
+                problem = (f"the head cannot reach this donor's Ray port(s) {', '.join(str(r) for r in bad)}; "
+                           f"open TCP {', '.join(str(r.port) for r in bad)} and the worker ports "
+                           f"(DGPT_RAY_WORKER_PORTS) on {host} to the head and the other donors, set --node-ip "
+                           "to an address they reach, or join through the overlay (donors behind NAT)")
+                check = Preflight(False, self.clock(), problem)
+            else:
+                check = Preflight(True, self.clock())
+            with self._lock:
+                e = self._entries.get(donor_id)
+                if e is None or e.row.node_ip != host:
+                    return
+                changed = e.reach is None or e.reach.ok != check.ok
+                e.reach = check
+                (self._unreachable.discard if check.ok else self._unreachable.add)(donor_id)
+                self._reindex(e)
+            if changed:
+                (log.info if check.ok else log.warning)("donor %s preflight: %s", donor_id,
+                                                         "Ray ports reachable" if check.ok else check.problem)
+        except Exception:  # a check must never take the registry down
+            log.exception("preflight of donor %s failed", donor_id)
+
+    def leave(self, donor_id: str, secret: str | None, req: LeaveRequest, api_key: str | None = None) -> LeaveResponse:
+        """A donor (its own secret) or an operator (an API key) drains the donor.
+
+        Raises:
+            AuthError: neither a valid API key nor the donor's secret.
+        """
         if api_key:
             self.store.check_token("api", api_key)
+            with self._lock:
+                self._get(donor_id)
         else:
-            self.store.authenticate_donor(donor_id, secret)
-        deadline_s = req.deadline_s or self.settings.drain_deadline_s
-        state, node_id = self.store.begin_leave(donor_id, req.reason, self.clock(), deadline_s)
+            with self._lock:
+                self._authenticate(donor_id, secret)
+        return self.drain_donor(donor_id, LeaveReason(req.reason), req.deadline_s or self.settings.drain_deadline_s)
+
+    def drain_donor(self, donor_id: str, reason: LeaveReason, deadline_s: float) -> LeaveResponse:
+        """Drain a donor through Ray's DrainNode (reason PREEMPTION) with a deadline."""
+        now = self.clock()
+        with self._lock:
+            e = self._get(donor_id)
+            out = self._step(e, LeaveRequested(reason.value, deadline_s), now)
+            state = e.lc.state
         drained, message = False, "not running: nothing to drain"
-        if node_id and self.adapter is not None:
-            drained, message = self.drain(node_id, f"donor {donor_id} leaving ({req.reason})", deadline_s)
-        return LeaveResponse(donor_id=donor_id, state=state, drain_requested=drained, deadline_s=deadline_s, message=message)  # type: ignore[arg-type]
+        if out.drain_node and self.adapter is not None:
+            drained, message = self._drain_node(out.drain_node, f"donor {donor_id} leaving ({reason.value})", deadline_s)
+        elif state is DonorState.DRAINING:
+            drained, message = True, "already draining"
+        return LeaveResponse(donor_id=donor_id, state=state, drain_requested=drained, deadline_s=deadline_s, message=message)
 
-    def drain(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
-        from dgpt.head.ray_adapter import DRAIN_PREEMPTION
-
-        if self.adapter is None:
-            return False, "no Ray adapter: nothing to drain"
-        accepted, rejection = self.adapter.drain_node(node_id, DRAIN_PREEMPTION, message, deadline_s)
+    def _drain_node(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
+        assert self.adapter is not None
+        try:
+            accepted, rejection = self.adapter.drain_node(node_id, DRAIN_PREEMPTION, message, deadline_s)
+        except Exception as exc:  # Ray hiccup: the agent still drains and stops its raylet
+            log.warning("DrainNode %s failed: %s", node_id[:8], exc)
+            return False, f"DrainNode failed: {exc}"
         log.info("DrainNode %s deadline %.0fs: %s", node_id[:8], deadline_s, "accepted" if accepted else rejection)
         return accepted, rejection or "drain accepted"
 
+    # ------------------------------------------------------------ the autoscaler's port
+
+    def set_target(self, donor_id: str, target: Target | str) -> None:
+        """The autoscaler wants the donor in (``active``) or out of (``standby``) the cluster."""
+        target = Target(target)
+        now = self.clock()
+        with self._lock:
+            e = self._get(donor_id)
+            self._step(e, TargetSet(target), now)
+            wake = target is Target.ACTIVE and not e.lc.state.running
+        if wake:
+            self.on_wake(donor_id)
+
     def drain_idle(self, donor_id: str, reason: str, deadline_s: float) -> tuple[bool, str]:
-        """The autoscaler's scale-down: DrainNode(IDLE_TERMINATION), which Ray refuses for a busy node.
+        """Scale-down: DrainNode(IDLE_TERMINATION), which Ray refuses for a busy node.
 
         Accepted: the donor's target becomes standby and it drains (its session ends
         ``drained``, reason ``autoscaler``). Refused: nothing changes; the donor stays.
         """
-        from dgpt.head.ray_adapter import DRAIN_IDLE
-
-        donor = self.store.get_donor(donor_id, max_sessions=0)
-        if donor.state != "active" or not donor.node_id or self.adapter is None:
-            self.store.set_target(donor_id, "standby")
-            return True, f"not running ({donor.state}): target standby"
-        accepted, rejection = self.adapter.drain_node(
-            donor.node_id, DRAIN_IDLE, f"donor {donor_id} leaving (autoscaler: {reason})", deadline_s)
+        with self._lock:
+            e = self._get(donor_id)
+            node_id = e.lc.node_id if e.lc.state is DonorState.ACTIVE else None
+        if node_id is None or self.adapter is None:
+            self.set_target(donor_id, Target.STANDBY)
+            return True, f"not running ({e.lc.state.value}): target standby"
+        try:
+            accepted, rejection = self.adapter.drain_node(node_id, DRAIN_IDLE, f"donor {donor_id} leaving (autoscaler: {reason})",
+                                                          deadline_s)
+        except Exception as exc:
+            return False, f"DrainNode failed: {exc}"
         if accepted:
-            self.store.set_target(donor_id, "standby")
-            self.store.begin_leave(donor_id, "autoscaler", self.clock(), deadline_s)
+            with self._lock:
+                # Ray already drains the node: the outcome's drain_node is not sent again.
+                self._step(e, LeaveRequested(LeaveReason.AUTOSCALER.value, deadline_s), self.clock())
         log.info("autoscaler DrainNode %s: %s", donor_id, "accepted" if accepted else rejection)
         return accepted, rejection or "drain accepted"
 
-    def node_states(self) -> dict[str, dict[str, Any]]:
-        """Running donors' nodes with state and P(stays the next hour).
+    # ------------------------------------------------------------ Ray's view
 
-        States are read fresh (a draining donor must leave the routers' rotation at once);
-        reliability, which moves slowly, is refitted every few seconds, since every Serve
-        router asks about once a second.
-        """
-        now = self.clock()
-        states = self.store.node_states()
-        if now - self._reliability_at > NODE_STATES_TTL_S:
-            from dgpt.reliability.model import fit_recorded
-
-            fresh = {}
-            for d in self.store.list_donors():
-                if not d.node_id:
+    def update_usage(self, usage: Iterable[NodeUsage]) -> None:
+        """Ray's per-node resource state, for the active donors' free capacity and idle time."""
+        by_node = {u.node_id: u for u in usage}
+        with self._lock:
+            for fd in self._index.active():
+                e = self._entries.get(fd.donor_id)
+                if e is None:
                     continue
-                up_s = now - d.session_started_at(now)
-                params = fit_recorded(d.sessions, d.device_class, now)
-                fresh[d.donor_id] = round(params.p_stay(up_s, RELIABILITY_HORIZON_S), 4)
-            self._reliability, self._reliability_at = fresh, now
-        for entry in states.values():
-            if entry["donor_id"] in self._reliability:
-                entry["reliability"] = self._reliability[entry["donor_id"]]
-        return states
-
-    # monitor ------------------------------------------------------------
+                u = by_node.get(e.lc.node_id or "")
+                if u is not e.usage:
+                    e.usage = u
+                    self._reindex(e)
+            self._usage_at = self.clock()
 
     def tick(self) -> list[tuple[str, str]]:
-        """One reconciliation of donors with Ray's node table and heartbeat silence."""
-        nodes = []
-        if self.adapter is not None:
-            nodes = [
-                NodeObservation(node_id=n.node_id, donor_id=n.donor_id, alive=n.alive)
-                for n in self.adapter.nodes()
-                if n.donor_id
-            ]
-        changes = self.store.reconcile(nodes, self.clock(), self.settings.heartbeat_timeout_s)
+        """One reconciliation: Ray's node table, heartbeat silence, the heartbeat flush."""
+        nodes = self.adapter.nodes() if self.adapter is not None else []
         now = self.clock()
-        for donor_id, what in changes:
-            log.info("donor %s: %s", donor_id, what)
-            self.last_changes.append((now, donor_id, what))
-        del self.last_changes[:-50]
+        changes: list[tuple[str, str]] = []
+        with self._lock:
+            for node in nodes:
+                e = self._entries.get(node.donor_id or "")
+                if e is None:
+                    continue
+                out = self._step(e, NodeAlive(node.node_id) if node.alive else NodeDead(node.node_id), now)
+                if out.change:
+                    changes.append((e.donor_id, out.change))
+            for donor_id in self._expired(now):
+                e = self._entries[donor_id]
+                if now - e.heard_at > e.timeout_s:
+                    out = self._step(e, Silent(e.timeout_s), now)
+                    if out.change:
+                        changes.append((donor_id, out.change))
+                else:
+                    self._arm_expiry(e)
+            if now - self._flushed_at >= HEARTBEAT_FLUSH_S:
+                self.flush_heartbeats()
+            recheck = [d for d in self._unreachable
+                       if (r := self._entries[d].reach) is not None and now - r.checked_at >= PREFLIGHT_RECHECK_S]
+        for donor_id in recheck:
+            self.preflight(donor_id)
         return changes
 
+    def _expired(self, now: float) -> list[str]:
+        out: list[str] = []
+        while self._expired_upto <= int(now):
+            for donor_id in self._expiry.pop(self._expired_upto, ()):
+                self._expiry_key.pop(donor_id, None)
+                out.append(donor_id)
+            self._expired_upto += 1
+        return out
 
-class Registry:
-    """Ray actor around RegistryCore, with a monitor thread that never dies."""
+    def flush_heartbeats(self) -> None:
+        with self._lock:
+            beats = [(d, self._entries[d].heard_at) for d in self._dirty_beats if d in self._entries]
+            self._dirty_beats.clear()
+            self._flushed_at = self.clock()
+            self.store.save_heartbeats(beats)
 
-    def __init__(self, settings_json: str) -> None:
-        import ray
+    # ------------------------------------------------------------ reads
 
-        from dgpt.head.ray_adapter import RayAdapter
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        settings = Settings.model_validate_json(settings_json)
-        # Donors must dial the address the head was started on; Ray's own view may name
-        # another interface of this machine.
-        gcs = f"{settings.node_ip}:{settings.ray_port}" if settings.node_ip else ray.get_runtime_context().gcs_address
-        self.core = RegistryCore(settings, gcs, RayAdapter(gcs))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._monitor, name="registry-monitor", daemon=True)
-        self._thread.start()
-
-    def _monitor(self) -> None:
-        interval = self.core.settings.monitor_interval_s
-        while not self._stop.wait(interval):
-            try:
-                self.core.tick()
-            except Exception:
-                # A bad tick is logged with its traceback; the loop goes on.
-                log.error("registry monitor tick failed:\n%s", traceback.format_exc())
-
-    def ping(self) -> str:
-        return "ok"
-
-    def register(self, req: RegisterRequest, join_token: str | None) -> RegisterResponse:
-        return self.core.register(req, join_token)
-
-    def heartbeat(self, donor_id: str, secret: str | None, hb: Heartbeat) -> HeartbeatResponse:
-        return self.core.heartbeat(donor_id, secret, hb)
-
-    def leave(self, donor_id: str, secret: str | None, api_key: str | None, req: LeaveRequest) -> LeaveResponse:
-        return self.core.leave(donor_id, secret, api_key, req)
-
-    def check_api_key(self, api_key: str | None) -> str:
-        return self.core.store.check_token("api", api_key)
-
-    def list_donors(self) -> list[DonorView]:
-        return self.core.store.list_donors()
-
-    def get_donor(self, donor_id: str) -> DonorView:
-        return self.core.store.get_donor(donor_id)
-
-    def record_session(self, donor_id: str, started_at: float, ended_at: float, ended_as: str) -> None:
-        self.core.store.record_session(donor_id, started_at, ended_at, ended_as)
-
-    def set_target(self, donor_id: str, target: str) -> None:
-        self.core.store.set_target(donor_id, target)
-
-    def drain_idle(self, donor_id: str, reason: str, deadline_s: float) -> tuple[bool, str]:
-        return self.core.drain_idle(donor_id, reason, deadline_s)
-
-    def placement_snapshot(self) -> Any:
-        """The running donors as a placement snapshot (``dgpt.placement.options`` reads it)."""
-        from dgpt.placement.live import snapshot_from
-
-        usage = self.core.adapter.usage_and_demand()[0] if self.core.adapter is not None else []
-        return snapshot_from(self.core.store.list_donors(), usage, time.time())
-
-    def create_token(self, kind: str, label: str) -> TokenView:
-        return self.core.store.create_token(kind, label, time.time())
-
-    def list_tokens(self) -> list[TokenView]:
-        return self.core.store.list_tokens()
-
-    def revoke_token(self, token_id: str) -> None:
-        self.core.store.revoke_token(token_id, time.time())
+    def fleet_view(self) -> FleetView:
+        """The fleet frozen now (placement's and the autoscaler's input)."""
+        with self._lock:
+            return self._index.view(self.clock())
 
     def node_states(self) -> dict[str, dict[str, Any]]:
-        """node_id -> {donor_id, state, reliability}: what Serve's request routers rank by."""
-        return self.core.node_states()
+        """node_id -> {donor_id, state, reliability, reachable}: what Serve's routers rank by.
+
+        ``reachable`` turns false once a running donor has missed a few heartbeats, so
+        routers drop its replicas long before Ray declares its node dead.
+        """
+        now = self.clock()
+        suspect_s = SUSPECT_AFTER_INTERVALS * self.settings.heartbeat_interval_s
+        with self._lock:
+            out = {}
+            for fd in self._index.active():
+                e = self._entries[fd.donor_id]
+                if e.lc.node_id is None:
+                    continue
+                started = e.session_started_at() or now
+                out[e.lc.node_id] = {
+                    "donor_id": e.donor_id,
+                    "state": e.lc.state.value,
+                    "reliability": round(e.reliability.p_stay(now - started, RELIABILITY_HORIZON_S), 4),
+                    "reachable": now - e.heard_at <= suspect_s,
+                }
+            return out
 
     def counts(self) -> dict[str, int]:
-        return self.core.store.counts()
+        with self._lock:
+            return {s.value: n for s, n in self._by_state.items() if n > 0}
 
-    def recent_changes(self) -> list[tuple[float, str, str]]:
-        return list(self.core.last_changes)
+    def donor_view(self, donor_id: str, max_sessions: int = 50) -> DonorView:
+        with self._lock:
+            e = self._get(donor_id)
+            if max_sessions > len(e.sessions):
+                sessions = [s for _, s in self.store.sessions(donor_id, limit=max_sessions)]
+            else:
+                sessions = list(e.sessions)[-max_sessions:] if max_sessions else []
+            return self._view(e, sessions)
 
-    def drain_donor(self, donor_id: str, reason: str, deadline_s: float) -> LeaveResponse:
-        """Head-initiated drain (operator or autoscaler)."""
-        state, node_id = self.core.store.begin_leave(donor_id, reason, time.time(), deadline_s)
-        drained, message = False, "not running"
-        if node_id:
-            drained, message = self.core.drain(node_id, f"head drains donor {donor_id} ({reason})", deadline_s)
-        return LeaveResponse(donor_id=donor_id, state=state, drain_requested=drained, deadline_s=deadline_s, message=message)  # type: ignore[arg-type]
+    def _view(self, e: DonorEntry, sessions: list[SessionView]) -> DonorView:
+        row, lc, now = e.row, e.lc, self.clock()
+        started = e.session_started_at()
+        up_open = now - started if started is not None else 0.0
+        return DonorView(
+            donor_id=row.donor_id, name=row.name, state=lc.state, target=lc.target, device_class=row.device_class,
+            owner=row.owner, node_id=lc.node_id, profile=row.profile, caps=row.caps,
+            resources=donor_resources(row.caps), labels=e.labels, registered_at=row.registered_at,
+            last_heartbeat_at=e.last_heartbeat_at, owner_active=lc.owner_active, drain_reason=lc.drain_reason,
+            sessions=sessions, sessions_total=e.sessions_total, sessions_lost=e.sessions_lost,
+            uptime_s=round(e.uptime_closed_s + up_open, 1),
+            reliability=round(e.reliability.p_stay(up_open, RELIABILITY_HORIZON_S), 4),
+            problem=e.problem,
+        )
 
+    def list_donors(self, *, state: DonorState | None = None, owner: str | None = None,
+                    device_class: str | None = None, after: str | None = None, limit: int = 500,
+                    max_sessions: int = 5) -> tuple[list[DonorView], str | None, int | None]:
+        """A page of donors in registration order, filtered.
+
+        Returns:
+            (the page, the cursor of the next page or None, the total matching when cheap to
+            know: unfiltered or filtered by state only; else None).
+        Raises:
+            InvalidRequest: ``after`` names no donor.
+        """
+        if limit < 1:
+            raise InvalidRequest(f"limit must be >= 1, got {limit}", 422)
+        with self._lock:
+            ids = list(self._entries)
+            start = 0
+            if after is not None:
+                if after not in self._entries:
+                    raise InvalidRequest(f"after={after!r} is not a donor id of this fleet", 422,
+                                         hint="pass the next_cursor of the previous page")
+                start = ids.index(after) + 1
+            page: list[DonorView] = []
+            next_cursor = None
+            for donor_id in ids[start:]:
+                e = self._entries[donor_id]
+                if (state is not None and e.lc.state is not state) or (owner is not None and e.row.owner != owner) or (
+                        device_class is not None and e.row.device_class != device_class):
+                    continue
+                if len(page) == limit:
+                    next_cursor = page[-1].donor_id
+                    break
+                page.append(self._view(e, list(e.sessions)[-max_sessions:] if max_sessions else []))
+            total = None
+            if owner is None and device_class is None:
+                total = len(self._entries) if state is None else self._by_state[state]
+        return page, next_cursor, total
+
+    def record_session(self, donor_id: str, started_at: float, ended_at: float, ended_as: contract.SessionEnd) -> None:
+        """Import a finished session (history from elsewhere); it seeds the donor's reliability."""
+        with self._lock:
+            e = self._get(donor_id)
+            view = self.store.record_session(donor_id, started_at, ended_at, ended_as)
+            open_session = e.sessions.pop() if e.sessions and e.sessions[-1].ended_at is None else None
+            e.sessions.append(view)
+            if open_session is not None:
+                e.sessions.append(open_session)
+            e.sessions_total += 1
+            e.sessions_lost += int(contract.SessionEnd(ended_as) is contract.SessionEnd.LOST)
+            e.uptime_closed_s += ended_at - started_at
+            e.reliability = fit_recorded(e.sessions, e.row.device_class, self.clock())
+            self._reindex(e)
+
+    # ------------------------------------------------------------ tokens
+
+    def create_token(self, kind: str, label: str) -> TokenView:
+        return self.store.create_token(kind, label, self.clock())
+
+    def list_tokens(self) -> list[TokenView]:
+        return self.store.list_tokens()
+
+    def revoke_token(self, token_id: str) -> None:
+        self.store.revoke_token(token_id, self.clock())
+
+    def check_api_key(self, api_key: str | None) -> str:
+        return self.store.check_token("api", api_key)
+
+    # ------------------------------------------------------------ introspection
+
+    def standby_interval_s(self) -> float:
+        with self._lock:
+            return self._standby_interval()
+
+    def recent_changes(self, n: int = 20) -> list[tuple[float, str, str]]:
+        with self._lock:
+            return list(self.changes)[-n:]
+
+    def __len__(self) -> int:
+        return len(self._entries)

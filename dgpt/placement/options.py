@@ -13,20 +13,23 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from dgpt import contract
+from dgpt.contract import is_valid_label_value
 from dgpt.exceptions import InsufficientCapacity, PlacementError
-from dgpt.placement import labels as lbl
+from dgpt.fleet import FleetView
 from dgpt.placement.policy import (
     INFERENCE_HORIZON_S,
     Decision,
     Placement,
-    ResourceRequest,
     Unplaced,
     WorkloadKind,
+    checked_request,
     place_gang,
     place_replicas,
     place_task,
+    request_from_bundle,
 )
-from dgpt.placement.snapshot import ClusterSnapshot
+from dgpt.resources import Resources
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.util.placement_group import PlacementGroup
@@ -47,7 +50,7 @@ _NO_ROOM_HINT = (
 
 
 def _checked_donor(donor_id: str) -> str:
-    if not lbl.is_valid_label_value(donor_id):
+    if not is_valid_label_value(donor_id):
         raise PlacementError(
             f"donor id {donor_id!r} cannot be used in a Ray label selector",
             hint="donor ids must be 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric",
@@ -75,7 +78,7 @@ def task_options(decision: Placement, index: int = 0, *, soft: bool = True) -> d
         out["num_gpus"] = request.gpus
     if request.memory_bytes:
         out["memory"] = int(request.memory_bytes)
-    out["label_selector"] = {**request.label_selector, lbl.DONOR_ID: donor}
+    out["label_selector"] = {**request.label_selector, contract.LABEL_DONOR_ID: donor}
     if soft:
         fallbacks: list[dict[str, Any]] = []
         alternates = [_checked_donor(a) for a in decision.alternates if a != donor]
@@ -84,11 +87,11 @@ def task_options(decision: Placement, index: int = 0, *, soft: bool = True) -> d
                 {
                     "label_selector": {
                         **request.label_selector,
-                        lbl.DONOR_ID: f"in({', '.join(alternates)})",
+                        contract.LABEL_DONOR_ID: f"in({', '.join(alternates)})",
                     }
                 }
             )
-        fallbacks.append({"label_selector": {lbl.ROLE: lbl.ROLE_DONOR, **request.label_selector}})
+        fallbacks.append({"label_selector": {contract.LABEL_ROLE: contract.ROLE_DONOR, **request.label_selector}})
         out["fallback_strategy"] = fallbacks
     return out
 
@@ -103,7 +106,7 @@ def placement_group_args(
     Raises:
         PlacementError: a bundle asks for nothing (Ray rejects empty bundles).
     """
-    bundles = [r.as_bundle() for r in decision.requests]
+    bundles = [r.as_ray() for r in decision.requests]
     if any(not b for b in bundles):
         raise PlacementError(
             "a gang bundle asks for no resources", hint="give every bundle some CPU, GPU or memory"
@@ -112,7 +115,7 @@ def placement_group_args(
         "bundles": bundles,
         "strategy": "STRICT_SPREAD",
         "bundle_label_selector": [
-            {**r.label_selector, lbl.DONOR_ID: _checked_donor(d)}
+            {**r.label_selector, contract.LABEL_DONOR_ID: _checked_donor(d)}
             for r, d in zip(decision.requests, decision.donor_ids, strict=True)
         ],
         "name": name,
@@ -120,7 +123,7 @@ def placement_group_args(
     }
 
 
-def _resolve(snapshot: ClusterSnapshot | None) -> ClusterSnapshot:
+def _resolve(snapshot: FleetView | None) -> FleetView:
     if snapshot is not None:
         return snapshot
     from dgpt.placement.live import current_snapshot  # lazy: talks to the running cluster
@@ -130,7 +133,7 @@ def _resolve(snapshot: ClusterSnapshot | None) -> ClusterSnapshot:
 
 def _request(
     resources: Mapping[str, Any], label_selector: Mapping[str, str] | None
-) -> ResourceRequest:
+) -> Resources:
     unknown = sorted(set(resources) - set(_RAY_RESOURCE_OPTIONS))
     if unknown:
         raise PlacementError(
@@ -140,7 +143,7 @@ def _request(
     values = {"cpus": 1.0, "gpus": 0.0, "memory_bytes": 0.0}
     for key, value in resources.items():
         values[_RAY_RESOURCE_OPTIONS[key]] = float(value)
-    return ResourceRequest(label_selector=dict(label_selector or {}), **values)
+    return checked_request(values["cpus"], values["gpus"], values["memory_bytes"], label_selector)
 
 
 def _placed(decision: Decision) -> Placement:
@@ -153,7 +156,7 @@ def _placed(decision: Decision) -> Placement:
 
 def decide_options(
     kind: str | WorkloadKind,
-    snapshot: ClusterSnapshot,
+    snapshot: FleetView,
     *,
     horizon_s: float | None = None,
     existing_owners: Collection[str] = (),
@@ -177,7 +180,7 @@ def decide_options(
 
 def options(
     kind: str | WorkloadKind,
-    snapshot: ClusterSnapshot | None = None,
+    snapshot: FleetView | None = None,
     *,
     horizon_s: float | None = None,
     existing_owners: Collection[str] = (),
@@ -224,7 +227,7 @@ def options(
 def gang_args(
     kind: str | WorkloadKind,
     bundles: Sequence[Mapping[str, float]],
-    snapshot: ClusterSnapshot,
+    snapshot: FleetView,
     *,
     horizon_s: float = DEFAULT_HORIZON_S[WorkloadKind.TRAINING],
     label_selector: Mapping[str, str] | None = None,
@@ -237,7 +240,7 @@ def gang_args(
         raise PlacementError(
             "a gang needs at least one bundle", hint="pass bundles=[{'CPU': 1}, ...]"
         )
-    requests = [ResourceRequest.from_mapping(b, label_selector) for b in bundles]
+    requests = [request_from_bundle(b, label_selector) for b in bundles]
     decision = place_gang(snapshot.table, requests, snapshot.now_s, horizon_s=horizon_s, kind=wk)
     return placement_group_args(_placed(decision), name=name, lifetime=lifetime)
 
@@ -246,7 +249,7 @@ def gang(
     kind: str | WorkloadKind,
     bundles: Sequence[Mapping[str, float]],
     horizon_s: float = DEFAULT_HORIZON_S[WorkloadKind.TRAINING],
-    snapshot: ClusterSnapshot | None = None,
+    snapshot: FleetView | None = None,
     *,
     label_selector: Mapping[str, str] | None = None,
     name: str = "",

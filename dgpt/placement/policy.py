@@ -25,14 +25,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
 
+from dgpt.contract import selector_matches
 from dgpt.exceptions import PlacementError
-from dgpt.placement.labels import selector_matches
-from dgpt.placement.snapshot import REFERENCE_GFLOPS, FloatArray, IntArray, NodeTable
+from dgpt.fleet import DonorTable, FloatArray, IntArray
+from dgpt.reliability.model import log_stay_probability, stay_probability
+from dgpt.reliability.score import REFERENCE_GFLOPS, donor_score
+from dgpt.resources import EPS as _EPS
+from dgpt.resources import Resources
 
 #: Candidates scored per decision at scale. 256 random nodes contain, in expectation, the
 #: top 0.4% of the fleet by any score: close to the best, at ~50 us of numpy work.
@@ -45,8 +49,6 @@ INFERENCE_HORIZON_S = 3600.0
 #: What "long work" means when a batch task keeps reliable donors free for it: a training
 #: job of a few hours between checkpoints-to-completion.
 RESERVE_HORIZON_S = 8 * 3600.0
-#: Resource comparisons tolerate float dust (0.1 + 0.2 CPUs).
-_EPS = 1e-9
 #: Speed floors tried by the gang search; 16 keeps a gang decision well under a millisecond.
 _GANG_SPEED_FLOORS = 16
 
@@ -74,46 +76,42 @@ class WorkloadKind(str, Enum):
             ) from None
 
 
-@dataclass(frozen=True, slots=True)
-class ResourceRequest:
-    """What one task, actor or bundle needs: CPUs, GPUs, memory and an optional label selector."""
+def request_from_bundle(
+    resources: Mapping[str, float], label_selector: Mapping[str, str] | None = None
+) -> Resources:
+    """A request from a Ray bundle-style mapping (``CPU``, ``GPU``, ``memory`` keys).
 
-    cpus: float = 1.0
-    gpus: float = 0.0
-    memory_bytes: float = 0.0
-    label_selector: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("cpus", "gpus", "memory_bytes"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise PlacementError(
-                    f"resource request {name}={value!r} must be a finite number >= 0",
-                    hint="pass e.g. num_cpus=1, num_gpus=0, memory=2**30",
-                )
-
-    @classmethod
-    def from_mapping(
-        cls, resources: Mapping[str, float], label_selector: Mapping[str, str] | None = None
-    ) -> ResourceRequest:
-        """A request from a Ray bundle-style mapping (``CPU``, ``GPU``, ``memory`` keys)."""
-        unknown = sorted(set(resources) - {"CPU", "GPU", "memory"})
-        if unknown:
-            raise PlacementError(
-                f"placement understands CPU, GPU and memory, not {', '.join(unknown)}",
-                hint="express custom needs as a label selector, e.g. {'dgpt.io/gpu': 'A100'}",
-            )
-        return cls(
-            cpus=float(resources.get("CPU", 0.0)),
-            gpus=float(resources.get("GPU", 0.0)),
-            memory_bytes=float(resources.get("memory", 0.0)),
-            label_selector=dict(label_selector or {}),
+    Raises:
+        PlacementError: a key is not CPU, GPU or memory, or an amount is not a number >= 0.
+    """
+    unknown = sorted(set(resources) - {"CPU", "GPU", "memory"})
+    if unknown:
+        raise PlacementError(
+            f"placement understands CPU, GPU and memory, not {', '.join(unknown)}",
+            hint="express custom needs as a label selector, e.g. {'dgpt.io/gpu': 'A100'}",
         )
+    return checked_request(
+        float(resources.get("CPU", 0.0)),
+        float(resources.get("GPU", 0.0)),
+        float(resources.get("memory", 0.0)),
+        label_selector,
+    )
 
-    def as_bundle(self) -> dict[str, float]:
-        """The Ray bundle for this request (zero amounts left out, as Ray expects)."""
-        bundle = {"CPU": self.cpus, "GPU": self.gpus, "memory": self.memory_bytes}
-        return {k: v for k, v in bundle.items() if v > 0}
+
+def checked_request(
+    cpus: float, gpus: float, memory_bytes: float, label_selector: Mapping[str, str] | None = None
+) -> Resources:
+    """A :class:`Resources` request, with a placement error naming a bad amount.
+
+    Raises:
+        PlacementError: an amount is not a finite number >= 0.
+    """
+    try:
+        return Resources(cpus, gpus, memory_bytes, dict(label_selector or {}))
+    except ValueError as exc:
+        raise PlacementError(
+            f"resource request {exc}", hint="pass e.g. num_cpus=1, num_gpus=0, memory=2**30"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +154,7 @@ class Placement:
     nodes: tuple[int, ...]
     node_ids: tuple[str, ...]
     donor_ids: tuple[str, ...]
-    requests: tuple[ResourceRequest, ...]
+    requests: tuple[Resources, ...]
     p_stay: float
     horizon_s: float
     alternates: tuple[str, ...] = ()
@@ -178,15 +176,15 @@ def _rng_for(rng: np.random.Generator | None, now_s: float) -> np.random.Generat
     return rng if rng is not None else np.random.default_rng(int(now_s * 1000) & 0xFFFFFFFF)
 
 
-def _base(table: NodeTable, request: ResourceRequest) -> IntArray:
+def _base(table: DonorTable, request: Resources) -> IntArray:
     return table.gpu_usable if request.gpus > 0 else table.usable
 
 
 def _fit_mask(
-    table: NodeTable,
+    table: DonorTable,
     idx: IntArray,
-    request: ResourceRequest,
-    taken: Mapping[int, ResourceRequest] | None = None,
+    request: Resources,
+    taken: Mapping[int, Resources] | None = None,
 ) -> np.ndarray:
     mask = (table.cpu_free[idx] >= request.cpus - _EPS) & (
         table.mem_free[idx] >= request.memory_bytes - _EPS
@@ -213,12 +211,12 @@ def _fit_mask(
 
 
 def feasible_candidates(
-    table: NodeTable,
-    request: ResourceRequest,
+    table: DonorTable,
+    request: Resources,
     need: int,
     sample: int,
     rng: np.random.Generator,
-    taken: Mapping[int, ResourceRequest] | None = None,
+    taken: Mapping[int, Resources] | None = None,
 ) -> tuple[IntArray, bool]:
     """Distinct candidate nodes that fit ``request``, and True when the scan was exhaustive.
 
@@ -240,9 +238,9 @@ def feasible_candidates(
 
 
 def _scores(
-    table: NodeTable,
+    table: DonorTable,
     idx: IntArray,
-    request: ResourceRequest,
+    request: Resources,
     now_s: float,
     horizon_s: float,
     weights: Weights,
@@ -250,13 +248,11 @@ def _scores(
     """(score, log P(stay horizon)) for each candidate in ``idx``."""
     shape, scale = table.shape[idx], table.scale_s[idx]
     up = np.maximum(now_s - table.start_s[idx], 0.0)
-    hazard_now = (up / scale) ** shape
-    log_p = hazard_now - ((up + max(horizon_s, 0.0)) / scale) ** shape
-    score = weights.reliability * log_p
+    log_p = log_stay_probability(shape, scale, up, horizon_s)
+    score = donor_score(shape, scale, up, horizon_s, table.gflops[idx],
+                        reliability_weight=weights.reliability, speed_weight=weights.speed)
     if weights.reserve:
-        score -= weights.reserve * np.exp(hazard_now - ((up + RESERVE_HORIZON_S) / scale) ** shape)
-    if weights.speed:
-        score += weights.speed * np.log(table.gflops[idx] * (1.0 / REFERENCE_GFLOPS))
+        score -= weights.reserve * stay_probability(shape, scale, up, RESERVE_HORIZON_S)
     total = table.cpu_total[idx]
     # Free CPU fraction left after placing; 0 for CPU-less nodes (GPU-only caps).
     free_after = (table.cpu_free[idx] - request.cpus) / np.maximum(total, _EPS)
@@ -267,7 +263,7 @@ def _scores(
 
 
 def _top_alternates(
-    table: NodeTable, idx: IntArray, score: FloatArray, skip: int, n: int = 3
+    table: DonorTable, idx: IntArray, score: FloatArray, skip: int, n: int = 3
 ) -> tuple[str, ...]:
     if idx.size <= 1:
         return ()
@@ -282,7 +278,7 @@ def _top_alternates(
     return tuple(seen[:n])
 
 
-def _unfit_reason(request: ResourceRequest, what: str) -> str:
+def _unfit_reason(request: Resources, what: str) -> str:
     parts = [f"{request.cpus:g} CPU"]
     if request.gpus:
         parts.append(f"{request.gpus:g} GPU")
@@ -294,8 +290,8 @@ def _unfit_reason(request: ResourceRequest, what: str) -> str:
 
 
 def place_task(
-    table: NodeTable,
-    request: ResourceRequest,
+    table: DonorTable,
+    request: Resources,
     now_s: float,
     *,
     kind: WorkloadKind = WorkloadKind.BATCH,
@@ -307,7 +303,7 @@ def place_task(
     """Choose one donor for a single task or actor.
 
     Args:
-        table: the cluster's node columns (``ClusterSnapshot.table``).
+        table: the cluster's node columns (``FleetView.table``).
         request: what the task needs.
         now_s: the snapshot's clock, for each donor's current uptime.
         kind: whose weights to use (batch: short-lived donors first).
@@ -339,8 +335,8 @@ def place_task(
 
 
 def place_replicas(
-    table: NodeTable,
-    request: ResourceRequest,
+    table: DonorTable,
+    request: Resources,
     count: int,
     now_s: float,
     *,
@@ -373,7 +369,7 @@ def place_replicas(
     w = weights or DEFAULT_WEIGHTS[WorkloadKind.INFERENCE]
     gen = _rng_for(rng, now_s)
     used: set[int] = {table.owner_index[o] for o in existing_owners if o in table.owner_index}
-    taken: dict[int, ResourceRequest] = {}
+    taken: dict[int, Resources] = {}
     chosen: list[int] = []
     log_p_total = 0.0
     alternates: tuple[str, ...] = ()
@@ -400,7 +396,7 @@ def place_replicas(
         taken[node] = (
             request
             if prev is None
-            else ResourceRequest(
+            else Resources(
                 prev.cpus + request.cpus,
                 prev.gpus + request.gpus,
                 prev.memory_bytes + request.memory_bytes,
@@ -424,8 +420,8 @@ def place_replicas(
 
 
 def place_gang(
-    table: NodeTable,
-    bundles: Sequence[ResourceRequest],
+    table: DonorTable,
+    bundles: Sequence[Resources],
     now_s: float,
     *,
     horizon_s: float,
@@ -511,8 +507,8 @@ def place_gang(
 
 
 def _place_mixed_gang(
-    table: NodeTable,
-    bundles: Sequence[ResourceRequest],
+    table: DonorTable,
+    bundles: Sequence[Resources],
     now_s: float,
     horizon_s: float,
     kind: WorkloadKind,

@@ -6,10 +6,13 @@ ApiError, and HeadUnreachable when nothing answers.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import httpx
 
+from dgpt.contract import DonorState
 from dgpt.exceptions import ApiError, AuthError, Conflict, HeadUnreachable, InvalidRequest, NotFound
 from dgpt.sdk.models import (
     ClusterView,
@@ -27,6 +30,16 @@ from dgpt.sdk.models import (
     TokenView,
 )
 
+
+@dataclass(frozen=True)
+class DonorPage:
+    """One page of ``GET /donors``: the donors, the cursor of the next page, the total."""
+
+    items: list[DonorView]
+    next_cursor: str | None
+    total: int | None
+
+
 _ERRORS: dict[int, type[ApiError]] = {400: InvalidRequest, 401: AuthError, 403: AuthError, 404: NotFound,
                                       409: Conflict, 413: InvalidRequest, 422: InvalidRequest}
 
@@ -38,6 +51,9 @@ def _api_base(url: str) -> str:
     return url if url.endswith("/api/v1") else f"{url}/api/v1"
 
 
+_H = TypeVar("_H", bound="_Http")
+
+
 class _Http:
     def __init__(self, url: str, timeout_s: float = 30.0, transport: httpx.BaseTransport | None = None) -> None:
         self.base = _api_base(url)
@@ -46,14 +62,14 @@ class _Http:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> _Http:
+    def __enter__(self: _H) -> _H:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _request(self, method: str, path: str, token: str | None = None, body: Any = None,
-                 headers: dict[str, str] | None = None) -> httpx.Response:
+                 headers: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> httpx.Response:
         hdrs = dict(headers or {})
         if token:
             hdrs["Authorization"] = f"Bearer {token}"
@@ -61,7 +77,7 @@ class _Http:
         if content is not None:
             hdrs["Content-Type"] = "application/json"
         try:
-            resp = self._http.request(method, path, content=content, headers=hdrs)
+            resp = self._http.request(method, path, content=content, headers=hdrs, params=params)
         except httpx.TransportError as exc:
             raise HeadUnreachable(
                 f"cannot reach the dgpt head at {self.base}: {exc}",
@@ -97,8 +113,32 @@ class Client(_Http):
     def health(self) -> bool:
         return self._request("GET", "/health").json().get("status") == "ok"
 
-    def donors(self) -> list[DonorView]:
-        return [DonorView.model_validate(d) for d in self._get("/donors")]
+    def donors_page(self, *, state: DonorState | str | None = None, owner: str | None = None,
+                    device_class: str | None = None, after: str | None = None, limit: int = 500) -> DonorPage:
+        """One page of donors in registration order, filtered by state, owner and device class."""
+        params: dict[str, Any] = {"limit": limit}
+        for key, value in (("state", DonorState(state).value if state else None), ("owner", owner),
+                           ("device_class", device_class), ("after", after)):
+            if value is not None:
+                params[key] = value
+        resp = self._request("GET", "/donors", self.api_key, params=params)
+        total = resp.headers.get("X-Total-Count")
+        return DonorPage([DonorView.model_validate(d) for d in resp.json()], resp.headers.get("X-Next-Cursor"),
+                         int(total) if total is not None else None)
+
+    def iter_donors(self, **filters: Any) -> Iterator[DonorView]:
+        """Every donor matching ``filters`` (as for :meth:`donors_page`), page by page."""
+        after = None
+        while True:
+            page = self.donors_page(after=after, **filters)
+            yield from page.items
+            if not page.next_cursor:
+                return
+            after = page.next_cursor
+
+    def donors(self, **filters: Any) -> list[DonorView]:
+        """Every donor matching ``filters`` (all pages)."""
+        return list(self.iter_donors(**filters))
 
     def donor(self, donor_id: str) -> DonorView:
         return DonorView.model_validate(self._get(f"/donors/{donor_id}"))

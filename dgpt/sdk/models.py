@@ -6,25 +6,31 @@ older donor keeps working with a newer head (``v`` names the payload version).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-PAYLOAD_VERSION = 1
+from dgpt.contract import (
+    RESERVED_LABEL_PREFIX,
+    AgentState,
+    DonorState,
+    HeartbeatAction,
+    LeaveReason,
+    SessionEnd,
+    Target,
+)
+
+#: 2: heartbeats carry ``wait_s`` and may be held (long-poll).
+PAYLOAD_VERSION = 2
 
 # Ray label keys/values: DNS-like names, optionally prefixed (dgpt.io/donor-id).
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
-DonorState = Literal["registered", "standby", "activating", "active", "draining", "gone"]
-AgentState = Literal["standby", "starting", "active", "draining"]
-SessionEnd = Literal["drained", "lost"]
 DEVICE_CLASSES = ("laptop", "desktop", "gpu-rig", "server", "phone", "unknown")
-
-NonNegFloat = Annotated[float, Field(ge=0)]
-
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -38,7 +44,7 @@ class _Strict(BaseModel):
 def check_label_key(key: str) -> str:
     if not _LABEL_KEY.match(key):
         raise ValueError(f"label key {key!r} is not a valid Ray label key (letters, digits, '-', '_', '.', optional 'prefix/')")
-    if key.startswith("dgpt.io/"):
+    if key.startswith(RESERVED_LABEL_PREFIX):
         raise ValueError(f"label key {key!r} is reserved: dgpt sets dgpt.io/* labels itself")
     return key
 
@@ -93,6 +99,20 @@ class RegisterRequest(_Strict):
     # A donor re-registering after the head lost or restarted keeps its identity.
     donor_id: str | None = Field(None, min_length=1, max_length=63)
     donor_secret: str | None = Field(None, min_length=16, max_length=256)
+    # Where the head and other nodes reach this donor's raylet: checked before it is
+    # activated (an older agent sends neither and is not checked).
+    node_ip: str | None = Field(default=None, min_length=1, max_length=64)
+    ray_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list, max_length=8)
+
+    @field_validator("node_ip")
+    @classmethod
+    def _node_ip(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"node_ip {v!r} is not an IP address") from None
+        return v
 
     @field_validator("name")
     @classmethod
@@ -131,10 +151,13 @@ class RegisterResponse(_Model):
 class Heartbeat(_Strict):
     v: int = PAYLOAD_VERSION
     state: AgentState
-    node_id: str | None = Field(None, min_length=1, max_length=64)
     owner_active: bool = False
     owner_reason: str | None = Field(None, max_length=200)
-    load_per_core: NonNegFloat = 0.0
+    # Long-poll: how long the head may hold this heartbeat before answering. A standby
+    # donor waits here, so an activation reaches it at once rather than at its next beat.
+    wait_s: float = Field(default=0.0, ge=0, le=600)
+    # Why the agent cannot join Ray now (e.g. the head's GCS port does not answer), with the fix.
+    problem: str | None = Field(default=None, max_length=500)
 
 
 class RayJoin(_Model):
@@ -149,24 +172,20 @@ class RayJoin(_Model):
     labels: dict[str, str]
 
 
-HeartbeatAction = Literal["standby", "activate", "drain", "stop"]
-
-
 class HeartbeatResponse(_Model):
     v: int = PAYLOAD_VERSION
     action: HeartbeatAction
     ray: RayJoin | None = None
     drain_deadline_s: float | None = None
+    # When to send the next heartbeat, and how long the head may hold it (0: not at all).
     heartbeat_interval_s: float
+    wait_s: float = 0.0
     reason: str = ""
-
-
-LeaveReason = Literal["leave", "paused", "owner-active", "outside-hours", "sigterm", "autoscaler", "shutdown"]
 
 
 class LeaveRequest(_Strict):
     v: int = PAYLOAD_VERSION
-    reason: LeaveReason = "leave"
+    reason: LeaveReason = LeaveReason.LEAVE
     deadline_s: float | None = Field(None, gt=0, le=3600)
 
 
@@ -205,6 +224,7 @@ class DonorView(_Model):
     donor_id: str
     name: str
     state: DonorState
+    target: Target = Target.STANDBY
     device_class: str
     owner: str
     node_id: str | None
@@ -215,19 +235,15 @@ class DonorView(_Model):
     registered_at: float
     last_heartbeat_at: float | None
     owner_active: bool = False
+    drain_reason: str | None = None
     sessions: list[SessionView] = Field(default_factory=list)
-    stats: dict[str, Any] = Field(default_factory=dict)
-
-    @property
-    def gflops(self) -> float:
-        """The speed its work runs at: the GPU's when it offers GPUs, else the CPU's."""
-        if self.caps.gpus and self.profile.gpu_gflops:
-            return self.profile.gpu_gflops
-        return self.profile.cpu_gflops or 1.0
-
-    def session_started_at(self, now_s: float) -> float:
-        """When its open session began (``now_s`` when none is open)."""
-        return next((s.started_at for s in reversed(self.sessions) if s.ended_at is None), now_s)
+    sessions_total: int = 0
+    sessions_lost: int = 0
+    uptime_s: float = 0.0
+    # P(the donor stays the next hour), from its sessions and its device-class prior.
+    reliability: float | None = None
+    # Why it is not activated, with the fix (its Ray ports unreachable, the head unreachable).
+    problem: str | None = None
 
 
 class TokenCreateRequest(_Strict):
@@ -281,7 +297,22 @@ class ClusterView(_Model):
     standby_donors: int
     resources_total: dict[str, float]
     resources_available: dict[str, float]
-    pending_demand: list[dict[str, float]] = Field(default_factory=list)
     autoscaler: dict[str, Any] = Field(default_factory=dict)
     ray_address: str = ""
     dashboard_url: str = ""
+
+
+class FieldProblem(_Model):
+    """One invalid field of a request: where it is and what is wrong with it."""
+
+    field: str
+    problem: str
+
+
+class ErrorBody(_Model):
+    """Every 4xx/5xx answer of the API has this shape."""
+
+    error: str = Field(..., description="The kind of error, e.g. AuthError, NotFound, invalid request.")
+    message: str = Field(..., description="What went wrong, naming the field or object.")
+    hint: str | None = Field(None, description="What to do next.")
+    detail: list[FieldProblem] | None = Field(None, description="The invalid fields, for 422 answers.")

@@ -26,8 +26,8 @@ from pydantic import ValidationError
 
 from dgpt.config import Settings
 from dgpt.exceptions import ConfigError, ServeError
+from dgpt.head.paths import head_paths
 from dgpt.head.process import head_addresses, head_running
-from dgpt.head.registry import head_paths
 
 __all__ = [
     "AppStatus",
@@ -389,7 +389,7 @@ def endpoint_rows(settings: Settings) -> list[dict[str, Any]]:
         rows.append({
             "app": app.name,
             "route": route,
-            "url": f"{settings.local_head_url}{route}" if route else None,
+            "url": f"{settings.serve_url}{route}" if route else None,
             "status": app.status,
             "replicas": app.replicas_per_donor(),
             "replicas_total": sum(app.replicas_per_donor().values()),

@@ -6,8 +6,9 @@ simulator and the unit tests drive the very same functions.
 
 The policy, in one breath:
 
-1. Replicas whose donor is leaving (``draining``, ``lost``, ``gone``, ``standby``) are
-   dropped at once, unless nothing else is left (then a leaving replica beats no replica).
+1. Replicas whose donor is leaving (``draining``, ``gone``, ``standby``, or unreachable:
+   it missed its last heartbeats) are dropped at once, unless nothing else is left (then a
+   leaving replica beats no replica).
 2. From what remains, two replicas are drawn uniformly at random (power of two choices).
 3. The pair is ordered by expected completion cost::
 
@@ -23,17 +24,17 @@ The policy, in one breath:
 
 from __future__ import annotations
 
-import enum
 import math
 import random
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from dgpt.contract import DonorState
+
 __all__ = [
     "DEFAULT_RELIABILITY",
     "DonorInfo",
-    "DonorState",
     "LatencyEstimate",
     "RankingParams",
     "ReplicaView",
@@ -54,47 +55,31 @@ T = TypeVar("T")
 DEFAULT_RELIABILITY = 0.5
 
 
-class DonorState(str, enum.Enum):
-    """A donor's lifecycle state as the router sees it (see DESIGN.md, donor lifecycle)."""
-
-    REGISTERED = "registered"
-    STANDBY = "standby"
-    ACTIVATING = "activating"
-    ACTIVE = "active"
-    DRAINING = "draining"
-    LOST = "lost"
-    GONE = "gone"
-    UNKNOWN = "unknown"
-
-    @classmethod
-    def parse(cls, value: object) -> DonorState:
-        """The state named by ``value``; anything unrecognised is ``UNKNOWN`` (routable)."""
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            return cls.UNKNOWN
-
-    @property
-    def leaving(self) -> bool:
-        """True when replicas on this donor should get no new requests."""
-        return self in _LEAVING
-
-
 # A standby or gone donor has (or is about to have) no raylet: its replicas are on their way out.
-_LEAVING = frozenset({DonorState.DRAINING, DonorState.LOST, DonorState.GONE, DonorState.STANDBY})
+_LEAVING = frozenset({DonorState.DRAINING, DonorState.GONE, DonorState.STANDBY})
 
 
 @dataclass(frozen=True, slots=True)
 class DonorInfo:
-    """What the registry says about the donor behind one Ray node."""
+    """What the registry says about the donor behind one Ray node.
+
+    ``state`` is None when the registry said nothing (or something this router does not
+    know): such a donor is routable. ``reachable`` is False once it missed heartbeats.
+    """
 
     donor_id: str | None = None
-    state: DonorState = DonorState.UNKNOWN
+    state: DonorState | None = None
     reliability: float = DEFAULT_RELIABILITY
+    reachable: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.reliability <= 1.0 or math.isnan(self.reliability):
             raise ValueError(f"reliability must be within 0..1, got {self.reliability!r}")
+
+    @property
+    def leaving(self) -> bool:
+        """True when replicas on this donor should get no new requests."""
+        return not self.reachable or self.state in _LEAVING
 
 
 UNKNOWN_DONOR = DonorInfo()
@@ -236,7 +221,7 @@ def routable(views: Sequence[ReplicaView]) -> list[ReplicaView]:
     Falling back to leaving replicas keeps requests flowing while Serve starts their
     replacements: a draining replica still finishes what it is given before its deadline.
     """
-    staying = [v for v in views if not v.donor.state.leaving]
+    staying = [v for v in views if not v.donor.leaving]
     return staying if staying else list(views)
 
 
@@ -269,7 +254,7 @@ def rank_candidates(
     """
     return sorted(
         views,
-        key=lambda v: (v.donor.state.leaving, expected_cost_ms(v, now_s, prior_ms, params)),
+        key=lambda v: (v.donor.leaving, expected_cost_ms(v, now_s, prior_ms, params)),
     )
 
 

@@ -27,9 +27,9 @@ Where the numbers come from (Ray 2.60's router hooks):
 
 The registry interface this router relies on::
 
-    ray.get_actor("registry", namespace="dgpt").node_states.remote()
-      -> {node_id_hex: {"donor_id": str, "state": "active" | "draining" | "lost" | ...,
-                        "reliability": float in 0..1}}
+    ray.get_actor(REGISTRY_ACTOR, namespace=NAMESPACE).node_states.remote()
+      -> {node_id_hex: {"donor_id": str, "state": "active" | "draining" | ...,
+                        "reliability": float in 0..1, "reachable": bool}}
 """
 
 from __future__ import annotations
@@ -58,11 +58,11 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from dgpt.contract import NAMESPACE, REGISTRY_ACTOR, DonorState
 from dgpt.exceptions import ServeError
 from dgpt.serve.ranking import (
     UNKNOWN_DONOR,
     DonorInfo,
-    DonorState,
     LatencyEstimate,
     RankingParams,
     ReplicaView,
@@ -84,8 +84,8 @@ __all__ = [
 
 logger = logging.getLogger(SERVE_LOGGER_NAME)
 
-REGISTRY_ACTOR_NAME = "registry"
-REGISTRY_NAMESPACE = "dgpt"
+REGISTRY_ACTOR_NAME = REGISTRY_ACTOR
+REGISTRY_NAMESPACE = NAMESPACE
 ROUTER_CLASS_PATH = "dgpt.serve.router:DonorAwareRouter"
 
 # The latency assumed before any replica has been measured. Only ratios between replicas
@@ -170,7 +170,7 @@ def parse_node_states(raw: object) -> dict[str, DonorInfo]:
     """Turn the registry's ``node_states()`` answer into ``{node_id_hex: DonorInfo}``.
 
     Tolerant by design, since a newer registry may send more: unknown keys are ignored,
-    unknown states become ``UNKNOWN`` (routable), a missing or invalid reliability becomes
+    unknown states become ``None`` (routable), a missing ``reachable`` means reachable, a missing or invalid reliability becomes
     the default, and an entry that is not a mapping is skipped.
     """
     if not isinstance(raw, Mapping):
@@ -187,10 +187,15 @@ def parse_node_states(raw: object) -> dict[str, DonorInfo]:
         if math.isnan(value):
             value = UNKNOWN_DONOR.reliability
         donor_id = entry.get("donor_id")
+        try:
+            state: DonorState | None = DonorState(str(entry.get("state")).lower())
+        except ValueError:
+            state = None  # a state this router does not know: routable
         out[str(node_id)] = DonorInfo(
             donor_id=str(donor_id) if donor_id is not None else None,
-            state=DonorState.parse(entry.get("state", "unknown")),
+            state=state,
             reliability=min(1.0, max(0.0, value)),
+            reachable=entry.get("reachable") is not False,
         )
     return out
 
@@ -377,7 +382,7 @@ class DonorAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         staying = tuple(
             rid
             for rid, replica in self._replicas.items()
-            if not self.donor_info(replica.node_id).state.leaving
+            if not self.donor_info(replica.node_id).leaving
         )
         self._routable_ids = staying if staying else tuple(self._replicas)
         self._routable_set = frozenset(self._routable_ids)

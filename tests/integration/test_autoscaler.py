@@ -19,8 +19,8 @@ import pytest
 
 from dgpt.config import Settings
 from dgpt.head import fabric
+from dgpt.head.paths import head_paths
 from dgpt.head.process import shell_env
-from dgpt.head.registry import head_paths
 from dgpt.sdk.client import Client
 from tests.integration.conftest import fabric_settings, wait_for
 

@@ -26,6 +26,7 @@ from dgpt.config import Settings
 from dgpt.donor.agent import state_files
 from dgpt.exceptions import ConfigError, ServeError
 from dgpt.head import fabric
+from dgpt.head.process import shell_env
 from dgpt.processes import alive, read_json, tree
 from dgpt.serve import deploy as serve_deploy
 from dgpt.serve.loadgen import LoadLoop, Sample
@@ -104,7 +105,7 @@ def digits(local_fabric: Settings) -> Iterator[str]:
     result = _serve(local_fabric, "deploy", str(DIGITS_YAML), "--timeout-s", "400")
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     assert "digits RUNNING" in result.output
-    yield f"{local_fabric.local_head_url}/digits/predict"
+    yield f"{local_fabric.serve_url}/digits/predict"
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +155,22 @@ def test_serve_deploy_refuses_bad_input(local_fabric: Settings, tmp_path: Path) 
 
     result = _serve(local_fabric, "delete", "no-such-app")
     assert isinstance(result.exception, ServeError) and "no Serve application 'no-such-app'" in result.exception.message
-    result = _serve(local_fabric, "delete", "dgpt")
-    assert isinstance(result.exception, ServeError) and "serve.run" in result.exception.message
-    assert serve_deploy.status(local_fabric).app("dgpt") is not None, "the control plane is untouched"
+    # An application a researcher started from Python is not `dgpt serve delete`'s to remove.
+    code = ("import ray\nfrom ray import serve\nray.init(logging_level='ERROR', log_to_driver=False)\n"
+            "@serve.deployment(ray_actor_options={'num_cpus': 0})\nclass Echo:\n"
+            "    def __call__(self, request):\n        return 'echo'\n"
+            "serve.run(Echo.bind(), name='pyapp', route_prefix='/pyapp')\nprint('RESULT ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **shell_env(local_fabric)},
+                         capture_output=True, text=True, timeout=240)
+    assert "RESULT ok" in out.stdout, out.stderr[-2000:]
+    try:
+        result = _serve(local_fabric, "delete", "pyapp")
+        assert isinstance(result.exception, ServeError) and "serve.run" in result.exception.message
+        assert serve_deploy.status(local_fabric).app("pyapp") is not None, "the Python app is untouched"
+    finally:
+        subprocess.run([sys.executable, "-c", "import ray\nfrom ray import serve\n"
+                        "ray.init(logging_level='ERROR', log_to_driver=False)\nserve.delete('pyapp')\n"],
+                       env={**os.environ, **shell_env(local_fabric)}, capture_output=True, timeout=120)
 
 
 def test_a_failing_app_is_reported_with_serves_message(local_fabric: Settings, tmp_path: Path) -> None:
@@ -181,7 +195,7 @@ def test_deploy_status_and_a_real_prediction(local_fabric: Settings, digits: str
     assert out.exit_code == 0, out.output
     apps = {a["name"]: a for a in json.loads(out.output)["applications"]}
     assert apps["digits"]["status"] == "RUNNING" and apps["digits"]["route_prefix"] == "/digits"
-    assert apps["digits"]["from_config"] and not apps["dgpt"]["from_config"]
+    assert apps["digits"]["from_config"]
     per_donor = apps["digits"]["replicas_per_donor"]
     assert sum(per_donor.values()) >= 2 and set(per_donor) <= set(_donors(local_fabric)), \
         f"replicas on donors only, at most one per donor: {per_donor}"
@@ -192,7 +206,7 @@ def test_deploy_status_and_a_real_prediction(local_fabric: Settings, digits: str
     assert "digits" in table.output and "/digits" in table.output and "RUNNING" in table.output
 
     rows = {r["app"]: r for r in serve_deploy.endpoint_rows(local_fabric)}
-    assert rows["digits"]["url"] == f"{local_fabric.local_head_url}/digits"
+    assert rows["digits"]["url"] == f"{local_fabric.serve_url}/digits"
     assert rows["digits"]["replicas"] == per_donor
 
     # What `curl -X POST $URL -d '{"pixels": [...]}'` does: a plain HTTP client, no SDK.
@@ -220,12 +234,12 @@ def test_redeploy_keeps_the_app_and_delete_removes_only_it(local_fabric: Setting
     result = _serve(local_fabric, "deploy", str(second), "--timeout-s", "300")
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     names = {a.name for a in serve_deploy.status(local_fabric).apps}
-    assert {"dgpt", "digits", "digits2"} <= names, "deploying one file keeps the other apps"
+    assert {"digits", "digits2"} <= names, "deploying one file keeps the other apps"
 
     result = _serve(local_fabric, "delete", "digits2")
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     names = {a.name for a in serve_deploy.status(local_fabric).apps}
-    assert "digits2" not in names and {"dgpt", "digits"} <= names
+    assert "digits2" not in names and "digits" in names
     assert httpx.post(digits, json={"pixels": [0] * 64}, timeout=30).status_code == 200
 
 
@@ -236,7 +250,7 @@ def test_draining_a_donor_with_a_replica_fails_no_request(local_fabric: Settings
                                                          held_out: tuple[list[list[float]], list[int]]) -> None:
     wait_for(lambda: _healthy(local_fabric), 180, "digits with two RUNNING replicas")
     victim = sorted(_running_replica_donors(local_fabric))[0]
-    sessions_before = len(_donors(local_fabric)[victim]["sessions"])
+    sessions_before = _donors(local_fabric)[victim]["sessions_total"]
     victim_node = _donors(local_fabric)[victim]["node_id"]
     loop = _load(digits, held_out)
     try:
@@ -245,8 +259,8 @@ def test_draining_a_donor_with_a_replica_fails_no_request(local_fabric: Settings
         assert out.returncode == 0, out.stderr
 
         def drained() -> bool:
-            sessions = _donors(local_fabric)[victim]["sessions"]
-            return len(sessions) == sessions_before and sessions[-1]["ended_as"] == "drained"
+            donor = _donors(local_fabric)[victim]
+            return donor["sessions_total"] == sessions_before and donor["sessions"][-1]["ended_as"] == "drained"
         wait_for(drained, local_fabric.drain_deadline_s + 60, f"{victim} to drain")
         wait_for(lambda: _healthy(local_fabric, avoid_node=victim_node), 180, "a replacement replica elsewhere")
         after = loop.count()

@@ -253,10 +253,12 @@ def test_router_steers_away_from_leaving_donors(
     registry = _make_registry()
 
     def states(a: str, b: str) -> dict[str, dict[str, Any]]:
-        return {
-            node_a: {"donor_id": "donor-0", "state": a, "reliability": 0.9},
-            node_b: {"donor_id": "donor-1", "state": b, "reliability": 0.9},
-        }
+        # "unreachable": an active donor that missed its heartbeats.
+        def entry(donor: str, state: str) -> dict[str, Any]:
+            return {"donor_id": donor, "state": "active" if state == "unreachable" else state,
+                    "reliability": 0.9, "reachable": state != "unreachable"}
+
+        return {node_a: entry("donor-0", a), node_b: entry("donor-1", b)}
 
     def only_served_by(node: str) -> Callable[[], bool]:
         def check() -> bool:
@@ -273,8 +275,8 @@ def test_router_steers_away_from_leaving_donors(
     try:
         ray.get(registry.set_states.remote(states("draining", "active")))
         _wait_for(only_served_by(node_b), 30, "requests to avoid the draining donor")
-        ray.get(registry.set_states.remote(states("active", "lost")))
-        _wait_for(only_served_by(node_a), 30, "requests to avoid the lost donor")
+        ray.get(registry.set_states.remote(states("active", "unreachable")))
+        _wait_for(only_served_by(node_a), 30, "requests to avoid the unreachable donor")
         # Every donor leaving: requests still succeed (a leaving replica beats none).
         ray.get(registry.set_states.remote(states("draining", "draining")))
         time.sleep(1.5)  # let one registry refresh pass; nothing to poll for here

@@ -1,4 +1,4 @@
-"""The autoscaler's mechanism around the pure policy: context collection, actuator, loop (fakes only)."""
+"""The autoscaler's mechanism around the pure policy: constraints, actuator, loop (fakes only)."""
 
 from __future__ import annotations
 
@@ -6,78 +6,50 @@ import pytest
 
 from autoscaler.actuator import Actuator
 from autoscaler.bounds import AutoscalerBounds
-from autoscaler.collect import build_context
+from autoscaler.context import AutoscalerContext
 from autoscaler.decisions import ActivateDonor, DrainDonor
 from autoscaler.loop import AutoscalerLoop
-from autoscaler.policies import PolicyState
-from dgpt.head.ray_adapter import ClusterDemand, DemandShape, GangRequest, NodeUsage
-from dgpt.sdk.models import DeviceProfile, DonorCaps, DonorView, SessionView
+from autoscaler.policies import PolicyState, default_policy
+from dgpt.fleet import FleetDonor, FleetView, build_table
+from dgpt.reliability.model import fit_recorded
+from dgpt.resources import Demand, Resources
+from dgpt.sdk.models import SessionView
 
 GIB = 2**30
 NOW = 1_000_000.0
+BOUNDS = AutoscalerBounds(min_active=0, max_active=10, idle_timeout_s=60, min_lifetime_s=0, scale_down_cooldown_s=0)
 
 
-def _donor(donor_id: str, state: str, *, node_id: str | None = None, target: str = "standby",
-           owner_active: bool = False, heartbeat_age_s: float = 1.0, cpus: float = 2,
-           sessions: list[SessionView] | None = None) -> DonorView:
-    return DonorView(
-        donor_id=donor_id, name=donor_id, state=state, device_class="desktop", owner=f"o-{donor_id}",
-        node_id=node_id, profile=DeviceProfile(cpus=4, memory_bytes=8 * GIB, cpu_gflops=20.0),
-        caps=DonorCaps(cpus=cpus, memory_bytes=2 * GIB), resources={}, labels={"dgpt.io/donor-id": donor_id},
-        registered_at=NOW - 3600, last_heartbeat_at=NOW - heartbeat_age_s, owner_active=owner_active,
-        sessions=sessions or [], stats={"target": target},
-    )
+def _active(donor_id: str, cpu_free: float, idle_s: float) -> FleetDonor:
+    return FleetDonor(donor_id, owner=donor_id, caps=Resources(2, 0, 2 * GIB), available=Resources(cpu_free, 0, 2 * GIB),
+                      idle_s=idle_s, node_id=f"n-{donor_id}", since_s=NOW - 3600)
 
 
-def _usage(node_id: str, cpu_free: float, idle_s: float = 0.0, status: str = "RUNNING") -> NodeUsage:
-    return NodeUsage(node_id=node_id, available={"CPU": cpu_free}, total={"CPU": 2.0}, idle_s=idle_s, status=status)
+def _standby(donor_id: str) -> FleetDonor:
+    return FleetDonor(donor_id, owner=donor_id, caps=Resources(2, 0, 2 * GIB), since_s=NOW - 3600)
 
 
-BOUNDS = AutoscalerBounds(min_active=0, max_active=10)
+def _ctx(demand: Demand, active: list[FleetDonor], standby: list[FleetDonor] = ()) -> AutoscalerContext:  # type: ignore[assignment]
+    return AutoscalerContext(BOUNDS, demand, FleetView(NOW, tuple(active), (), build_table(standby)))
 
 
-def test_context_sorts_donors_into_active_activating_standby() -> None:
-    donors = [
-        _donor("a", "active", node_id="n-a", target="active",
-               sessions=[SessionView(session_id=1, node_id="n-a", started_at=NOW - 50)]),
-        _donor("b", "activating", target="active"),
-        _donor("c", "standby", target="active"),          # told to activate, not started yet
-        _donor("d", "standby"),
-        _donor("e", "standby", owner_active=True),       # owner is back: not available
-        _donor("f", "standby", heartbeat_age_s=999),     # silent: not available
-        _donor("g", "gone"),
-    ]
-    ctx = build_context(donors, [_usage("n-a", 1.5, idle_s=7)], ClusterDemand(), BOUNDS, NOW, 30.0)
-    assert [n.donor_id for n in ctx.active] == ["a"]
-    assert ctx.active[0].available.cpus == 1.5 and ctx.active[0].idle_s == 7
-    assert ctx.active[0].session_start_s == NOW - 50
-    assert sorted(d.donor_id for d in ctx.activating) == ["b", "c"]
-    assert [d.donor_id for d in ctx.standby] == ["d"]
-
-
-def test_context_carries_pending_shapes_gangs_and_unmet_constraints() -> None:
-    donors = [_donor("a", "active", node_id="n-a", target="active")]
-    demand = ClusterDemand(
-        shapes=[DemandShape({"CPU": 1.0}, {"zone": "eu"})],
-        gangs=[GangRequest([DemandShape({"CPU": 1.0}), DemandShape({"CPU": 1.0})], "STRICT_SPREAD")],
-        constraints=[DemandShape({"CPU": 2.0}), DemandShape({"CPU": 2.0})],
-    )
-    ctx = build_context(donors, [_usage("n-a", 2.0, idle_s=500)], demand, BOUNDS, NOW, 30.0)
-    assert ctx.pending[0].cpus == 1.0 and dict(ctx.pending[0].label_selector) == {"zone": "eu"}
-    assert ctx.pending_gangs[0].strategy == "STRICT_SPREAD" and len(ctx.pending_gangs[0].bundles) == 2
-    # One 2-CPU constraint holds donor a (busy, its CPUs reserved), the other is demand.
-    assert [p.cpus for p in ctx.pending[1:]] == [2.0]
-    assert ctx.active[0].idle_s == 0.0 and ctx.active[0].available.cpus == 0.0
+def test_request_resources_reserves_active_capacity_and_the_rest_is_demand() -> None:
+    # One 2-CPU bundle holds idle donor a (so it is not drained); the other needs a new donor.
+    demand = Demand.of(constraints=[Resources(2), Resources(2)])
+    decisions, _ = default_policy(_ctx(demand, [_active("a", 2.0, idle_s=500)], [_standby("s")]))
+    assert decisions == (ActivateDonor("s", decisions[0].reason),)
+    assert "pending demand" in decisions[0].reason
+    # Without the bundles the idle donor is drained.
+    decisions, _ = default_policy(_ctx(Demand(), [_active("a", 2.0, idle_s=500)]))
+    assert [type(d) for d in decisions] == [DrainDonor]
 
 
 def test_autoscaler_drains_are_not_departures_for_reliability() -> None:
     ended = [SessionView(session_id=i, node_id="n", started_at=NOW - 1000 * (i + 1), ended_at=NOW - 1000 * i,
                          ended_as="drained", end_reason=reason) for i, reason in enumerate(["autoscaler"] * 5)]
     left = [s.model_copy(update={"end_reason": "paused"}) for s in ended]
-    from autoscaler.collect import reliability
-
-    patient = reliability(_donor("a", "standby", sessions=ended), NOW)
-    leaver = reliability(_donor("b", "standby", sessions=left), NOW)
+    patient = fit_recorded(ended, "desktop", NOW)
+    leaver = fit_recorded(left, "desktop", NOW)
     assert patient.p_stay(0, 3600) > leaver.p_stay(0, 3600)
 
 
@@ -116,7 +88,7 @@ def test_loop_hands_state_back_and_survives_a_bad_tick() -> None:
         item = next(ticks)
         if isinstance(item, Exception):
             raise item
-        return build_context([_donor("d", "standby")], [], ClusterDemand(), AutoscalerBounds(min_active=1), NOW, 30)
+        return _ctx(Demand(), [], [_standby("d")])
 
     def policy(ctx, state):
         calls.append(state)
@@ -137,8 +109,7 @@ def test_loop_propagates_nothing_even_from_the_actuator() -> None:
         def apply(self, decisions, now_s):
             raise OSError("boom")
 
-    loop = AutoscalerLoop(lambda: build_context([], [], ClusterDemand(), BOUNDS, NOW, 30),
-                          Exploding(FakeRegistry(), 1.0))
+    loop = AutoscalerLoop(lambda: _ctx(Demand(), []), Exploding(FakeRegistry(), 1.0))
     loop.safe_tick()
     assert loop.errors == 1
 

@@ -8,18 +8,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from autoscaler.bounds import AutoscalerBounds, load_bounds
-from autoscaler.context import (
-    ActiveNode,
-    AutoscalerContext,
-    DonorProfile,
-    GangDemand,
-    ResourceShape,
-    StandbyDonor,
-)
+from autoscaler.context import AutoscalerContext
 from autoscaler.decisions import ActivateDonor, DrainDonor
 from autoscaler.policies import PolicyState, default_policy
 from dgpt.exceptions import ConfigError
+from dgpt.fleet import FleetDonor, FleetView, build_table
 from dgpt.reliability import WeibullParams
+from dgpt.resources import Demand, Gang, Resources
 
 HOUR = 3600.0
 NOW = 1000 * HOUR
@@ -28,23 +23,14 @@ STEADY = WeibullParams(0.55, 200 * HOUR)
 FLAKY = WeibullParams(0.85, 0.2 * HOUR)
 
 
-def profile(
-    cpus: float = 4, gpus: float = 0, gflops: float = 16.5, labels: dict | None = None
-) -> DonorProfile:
-    return DonorProfile(
-        cpus=cpus,
-        memory_bytes=cpus * GIB,
-        gpus=gpus,
-        gpu_model="T4" if gpus else None,
-        gflops=gflops,
-        device_class="desktop",
-        owner="o",
-        labels=labels or {},
-    )
+def donor(donor_id: str, *, cpus: float = 4, gpus: float = 0, gflops: float = 16.5, labels: dict | None = None,
+          rel: WeibullParams = STEADY, since_s: float = NOW - 5 * HOUR, **kw: object) -> FleetDonor:
+    return FleetDonor(donor_id, owner="o", device_class="desktop", caps=Resources(cpus, gpus, cpus * GIB),
+                      gflops=gflops, labels=labels or {}, reliability=rel, since_s=since_s, **kw)  # type: ignore[arg-type]
 
 
-def standby(i: int, rel: WeibullParams = STEADY, **kw: float) -> StandbyDonor:
-    return StandbyDonor(f"s{i}", profile(**kw), session_start_s=NOW - 5 * HOUR, reliability=rel)
+def standby(i: int, rel: WeibullParams = STEADY, **kw: object) -> FleetDonor:
+    return donor(f"s{i}", rel=rel, **kw)  # type: ignore[arg-type]
 
 
 def active(
@@ -55,21 +41,19 @@ def active(
     idle_s: float = 0,
     rel: WeibullParams = STEADY,
     up_s: float = 5 * HOUR,
-) -> ActiveNode:
+) -> FleetDonor:
     free = cpus if free is None else free
-    return ActiveNode(
-        f"a{i}",
-        profile(cpus=cpus),
-        ResourceShape(free, 0, free * GIB),
-        idle_s=idle_s,
-        session_start_s=NOW - up_s,
-        reliability=rel,
-    )
+    return donor(f"a{i}", cpus=cpus, rel=rel, since_s=NOW - up_s, available=Resources(free, 0, free * GIB),
+                 idle_s=idle_s, node_id=f"n{i}")
 
 
 def ctx(**kw: object) -> AutoscalerContext:
     bounds = kw.pop("bounds", AutoscalerBounds())
-    return AutoscalerContext(now_s=kw.pop("now_s", NOW), bounds=bounds, **kw)  # type: ignore[arg-type]
+    demand = Demand.of(kw.pop("pending", ()), kw.pop("pending_gangs", ()))  # type: ignore[arg-type]
+    fleet = FleetView(now_s=kw.pop("now_s", NOW), active=kw.pop("active", ()),  # type: ignore[arg-type]
+                      activating=kw.pop("activating", ()), standby=build_table(kw.pop("standby", ())))  # type: ignore[arg-type]
+    assert not kw, kw
+    return AutoscalerContext(bounds, demand, fleet)
 
 
 def activated(decisions: tuple) -> list[str]:
@@ -82,7 +66,7 @@ def drained(decisions: tuple) -> list[str]:
 
 def test_unmet_demand_activates_the_most_reliable_fitting_donor() -> None:
     c = ctx(
-        pending=[ResourceShape(2)],
+        pending=[Resources(2)],
         standby=[standby(1, rel=FLAKY), standby(2), standby(3, cpus=1)],
     )
     decisions, state = default_policy(c, None)
@@ -92,36 +76,37 @@ def test_unmet_demand_activates_the_most_reliable_fitting_donor() -> None:
 
 
 def test_demand_that_fits_on_active_nodes_activates_nothing() -> None:
-    c = ctx(pending=[ResourceShape(1)] * 3, active=[active(1)], standby=[standby(1)])
+    c = ctx(pending=[Resources(1)] * 3, active=[active(1)], standby=[standby(1)])
     decisions, _ = default_policy(c)
     assert activated(decisions) == []
 
 
 def test_activating_donors_count_so_the_next_tick_does_not_double_up() -> None:
-    c = ctx(pending=[ResourceShape(4)], standby=[standby(1), standby(2)])
+    pool = [standby(1), standby(2)]
+    c = ctx(pending=[Resources(4)], standby=pool)
     decisions, state = default_policy(c)
     assert len(activated(decisions)) == 1
-    joining = [s for s in c.standby if s.donor_id in activated(decisions)]
-    rest = [s for s in c.standby if s.donor_id not in activated(decisions)]
+    joining = [s for s in pool if s.donor_id in activated(decisions)]
+    rest = [s for s in pool if s.donor_id not in activated(decisions)]
     again, _ = default_policy(
-        ctx(pending=[ResourceShape(4)], activating=joining, standby=rest), state
+        ctx(pending=[Resources(4)], activating=joining, standby=rest), state
     )
     assert activated(again) == []
 
 
 def test_several_shapes_pack_onto_one_new_donor() -> None:
-    c = ctx(pending=[ResourceShape(1)] * 8, standby=[standby(i, cpus=8) for i in range(5)])
+    c = ctx(pending=[Resources(1)] * 8, standby=[standby(i, cpus=8) for i in range(5)])
     decisions, _ = default_policy(c)
     assert len(activated(decisions)) == 1
 
 
 def test_gpu_and_label_demand_picks_a_matching_donor() -> None:
     c = ctx(
-        pending=[ResourceShape(1, 1, label_selector={"dgpt.io/gpu": "A100"})],
+        pending=[Resources(1, 1, label_selector={"dgpt.io/gpu": "A100"})],
         standby=[
             standby(1),
             standby(2, gpus=1),
-            StandbyDonor("s3", profile(gpus=1, labels={"dgpt.io/gpu": "A100"}), NOW - HOUR, FLAKY),
+            donor("s3", gpus=1, labels={"dgpt.io/gpu": "A100"}, since_s=NOW - HOUR, rel=FLAKY),
         ],
     )
     decisions, _ = default_policy(c)
@@ -129,14 +114,14 @@ def test_gpu_and_label_demand_picks_a_matching_donor() -> None:
 
 
 def test_spread_gang_needs_distinct_donors() -> None:
-    gang = GangDemand((ResourceShape(1),) * 3, "STRICT_SPREAD")
+    gang = Gang((Resources(1),) * 3, "STRICT_SPREAD")
     c = ctx(pending_gangs=[gang], standby=[standby(i, cpus=8) for i in range(5)])
     assert len(activated(default_policy(c)[0])) == 3
-    packed = GangDemand((ResourceShape(1),) * 3, "PACK")
+    packed = Gang((Resources(1),) * 3, "PACK")
     c = ctx(pending_gangs=[packed], standby=[standby(i, cpus=8) for i in range(5)])
     assert len(activated(default_policy(c)[0])) == 1
     with pytest.raises(ValueError, match="strategy"):
-        GangDemand((ResourceShape(1),), "SIDEWAYS")
+        Gang((Resources(1),), "SIDEWAYS")
 
 
 def test_churn_hedge_adds_spare_capacity_for_flaky_busy_nodes() -> None:
@@ -170,7 +155,7 @@ def test_no_drain_while_demand_is_unmet_or_just_activated() -> None:
     b = AutoscalerBounds(max_active=1)
     c = ctx(
         active=[active(1, idle_s=900, free=4)],
-        pending=[ResourceShape(8)],
+        pending=[Resources(8)],
         standby=[standby(1, cpus=8)],
         bounds=b,
     )
@@ -231,7 +216,7 @@ def test_never_exceeds_max_and_decisions_are_sane(
     nodes = [active(i, idle_s=1000 * (i % 2), free=float(i % 5)) for i in range(n_active)]
     pool = [standby(i, cpus=4 + 4 * (i % 3)) for i in range(n_standby)]
     decisions, _ = default_policy(
-        ctx(active=nodes, standby=pool, pending=[ResourceShape(c) for c in pending], bounds=b)
+        ctx(active=nodes, standby=pool, pending=[Resources(c) for c in pending], bounds=b)
     )
     ups, downs = activated(decisions), drained(decisions)
     assert len(set(ups)) == len(ups) and set(ups) <= {s.donor_id for s in pool}
@@ -255,4 +240,4 @@ def test_invalid_bounds_name_the_field() -> None:
         load_bounds(cooldown=3)
     assert load_bounds(max_active=10).max_active == 10
     with pytest.raises(ValueError, match="cpus"):
-        ResourceShape(-1)
+        Resources(-1)

@@ -20,8 +20,8 @@ from ray.serve._private.common import (  # noqa: E402
 from ray.serve.request_router import PendingRequest  # noqa: E402
 
 import dgpt.serve.router as router_mod  # noqa: E402
+from dgpt.contract import DonorState  # noqa: E402
 from dgpt.exceptions import ServeError  # noqa: E402
-from dgpt.serve.ranking import DonorState  # noqa: E402
 from dgpt.serve.router import (  # noqa: E402
     ROUTER_CLASS_PATH,
     DonorAwareRouter,
@@ -139,7 +139,7 @@ def test_without_registry_every_node_is_active_with_default_reliability(monkeypa
         await refresh(router)
         assert lookups == [("registry", "dgpt")]
         assert router.donor_info("node-a").reliability == 0.5
-        assert router.donor_info("node-a").state is DonorState.UNKNOWN
+        assert router.donor_info("node-a").state is None
         assert await chosen_ids(router) == {"a", "b"}
 
     run(body)
@@ -151,7 +151,8 @@ def test_draining_and_lost_donors_are_dropped_after_one_refresh(monkeypatch: pyt
             {
                 "node-a": {"donor_id": "d-a", "state": "draining", "reliability": 0.9},
                 "node-b": {"donor_id": "d-b", "state": "active", "reliability": 0.9},
-                "node-c": {"donor_id": "d-c", "state": "lost", "reliability": 0.9},
+                # Missed its heartbeats: out of rotation before Ray declares its node dead.
+                "node-c": {"donor_id": "d-c", "state": "active", "reliability": 0.9, "reachable": False},
             }
         )
         use_registry(monkeypatch, registry)
@@ -214,7 +215,7 @@ def test_forgets_registry_states_when_it_stays_silent(monkeypatch: pytest.Monkey
         assert router.donor_info("node-a").state is DonorState.DRAINING  # a blip is tolerated
         clock.now += 10.0
         await refresh(router)
-        assert router.donor_info("node-a").state is DonorState.UNKNOWN
+        assert router.donor_info("node-a").state is None
 
     run(body)
 
@@ -309,7 +310,7 @@ def test_parse_node_states_is_tolerant() -> None:
         }
     )
     assert states["n1"].state is DonorState.ACTIVE and states["n1"].reliability == 0.8
-    assert states["n2"].state is DonorState.UNKNOWN and states["n2"].reliability == 0.5
+    assert states["n2"].state is None and states["n2"].reliability == 0.5
     assert states["n3"].state is DonorState.DRAINING and states["n3"].reliability == 0.5
     assert states["n4"].reliability == 1.0
     assert "n5" not in states

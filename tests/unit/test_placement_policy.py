@@ -9,19 +9,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dgpt import contract as lbl
 from dgpt.exceptions import InsufficientCapacity, PlacementError
 from dgpt.placement import (
-    ClusterSnapshot,
-    NodeView,
+    FleetDonor,
+    FleetView,
     Placement,
-    ResourceRequest,
+    Resources,
     Unplaced,
     WorkloadKind,
     place_gang,
     place_replicas,
     place_task,
 )
-from dgpt.placement import labels as lbl
 from dgpt.placement.options import decide_options, gang_args, placement_group_args, task_options
 from dgpt.reliability import WeibullParams
 
@@ -45,27 +45,27 @@ def node(
     load: float = 0.0,
     draining: bool = False,
     role: str = "donor",
-) -> NodeView:
+) -> FleetDonor:
     free = cpus if free is None else free
-    return NodeView(
+    return FleetDonor(
         node_id=f"node{i}",
         donor_id=f"donor-{i}",
         owner=owner or f"owner{i}",
         device_class="desktop",
-        gpu="T4" if gpus else None,
-        total={"CPU": cpus, "GPU": gpus, "memory": cpus * GIB},
-        available={"CPU": free, "GPU": gpus, "memory": free * GIB},
+        caps=Resources(cpus, gpus, cpus * GIB),
+        available=Resources(free, gpus, free * GIB),
         load=load,
         gflops=gflops,
         draining=draining,
-        labels={lbl.DONOR_ID: f"donor-{i}", lbl.ROLE: role, lbl.OWNER: owner or f"owner{i}"},
+        labels={lbl.LABEL_DONOR_ID: f"donor-{i}", lbl.LABEL_ROLE: role, lbl.LABEL_OWNER: owner or f"owner{i}",
+                lbl.LABEL_GPU: "T4" if gpus else lbl.NO_GPU},
         reliability=rel,
-        session_start_s=NOW - up_s,
+        since_s=NOW - up_s,
     )
 
 
-def snap(*nodes: NodeView) -> ClusterSnapshot:
-    return ClusterSnapshot(nodes=tuple(nodes), now_s=NOW)
+def snap(*nodes: FleetDonor) -> FleetView:
+    return FleetView(now_s=NOW, active=tuple(nodes))
 
 
 # ---------------------------------------------------------------- objectives per kind
@@ -76,7 +76,7 @@ def test_training_gang_prefers_reliable_donors_of_similar_speed() -> None:
     nodes += [node(10 + i, gflops=20) for i in range(4)]  # steady, similar speed
     nodes += [node(20, gflops=3)]  # steady but slow: would drag the gang down
     s = snap(*nodes)
-    d = place_gang(s.table, [ResourceRequest(2)] * 3, NOW, horizon_s=4 * HOUR)
+    d = place_gang(s.table, [Resources(2)] * 3, NOW, horizon_s=4 * HOUR)
     assert isinstance(d, Placement)
     assert set(d.donor_ids) <= {f"donor-{10 + i}" for i in range(4)}
     assert len(set(d.nodes)) == 3
@@ -88,51 +88,51 @@ def test_batch_keeps_reliable_donors_free_for_long_work() -> None:
     short_lived = node(1, rel=WeibullParams(0.85, 3 * HOUR), up_s=3 * HOUR)
     long_lived = node(2, rel=STEADY, up_s=50 * HOUR)
     s = snap(short_lived, long_lived)
-    d = place_task(s.table, ResourceRequest(1), NOW, kind=WorkloadKind.BATCH, horizon_s=300)
+    d = place_task(s.table, Resources(1), NOW, kind=WorkloadKind.BATCH, horizon_s=300)
     assert isinstance(d, Placement) and d.donor_ids == ("donor-1",)
     # A long training actor goes to the steady donor.
-    d = place_task(s.table, ResourceRequest(1), NOW, kind=WorkloadKind.TRAINING, horizon_s=8 * HOUR)
+    d = place_task(s.table, Resources(1), NOW, kind=WorkloadKind.TRAINING, horizon_s=8 * HOUR)
     assert isinstance(d, Placement) and d.donor_ids == ("donor-2",)
 
 
 def test_inference_prefers_low_load_and_fast() -> None:
     s = snap(node(1, load=0.9), node(2, load=0.1, gflops=30), node(3, load=0.1, gflops=8))
-    d = place_replicas(s.table, ResourceRequest(1), 1, NOW)
+    d = place_replicas(s.table, Resources(1), 1, NOW)
     assert isinstance(d, Placement) and d.donor_ids == ("donor-2",)
 
 
 def test_spreads_by_free_capacity() -> None:
     s = snap(node(1, cpus=8, free=1), node(2, cpus=8, free=8))
-    d = place_task(s.table, ResourceRequest(1), NOW, kind=WorkloadKind.INFERENCE, horizon_s=HOUR)
+    d = place_task(s.table, Resources(1), NOW, kind=WorkloadKind.INFERENCE, horizon_s=HOUR)
     assert isinstance(d, Placement) and d.donor_ids == ("donor-2",)
 
 
 def test_draining_and_head_nodes_get_nothing() -> None:
     s = snap(node(1, draining=True), node(2, role="head"))
-    assert isinstance(place_task(s.table, ResourceRequest(1), NOW), Unplaced)
+    assert isinstance(place_task(s.table, Resources(1), NOW), Unplaced)
 
 
 def test_cpu_work_avoids_gpu_donors_when_it_can() -> None:
     s = snap(node(1, gpus=1), node(2))
-    d = place_task(s.table, ResourceRequest(1), NOW)
+    d = place_task(s.table, Resources(1), NOW)
     assert isinstance(d, Placement) and d.donor_ids == ("donor-2",)
 
 
 def test_unplaced_says_why() -> None:
     s = snap(node(1, cpus=2))
-    d = place_task(s.table, ResourceRequest(4, 1), NOW)
+    d = place_task(s.table, Resources(4, 1), NOW)
     assert isinstance(d, Unplaced)
     assert "4 CPU" in d.reason and "1 GPU" in d.reason
-    g = place_gang(s.table, [ResourceRequest(1)] * 2, NOW, horizon_s=HOUR)
+    g = place_gang(s.table, [Resources(1)] * 2, NOW, horizon_s=HOUR)
     assert isinstance(g, Unplaced) and "2 donors" in g.reason
 
 
 def test_label_selector_is_respected() -> None:
     s = snap(node(1), node(2))
-    req = ResourceRequest(1, label_selector={lbl.DONOR_ID: "in(donor-2, donor-9)"})
+    req = Resources(1, label_selector={lbl.LABEL_DONOR_ID: "in(donor-2, donor-9)"})
     d = place_task(s.table, req, NOW)
     assert isinstance(d, Placement) and d.donor_ids == ("donor-2",)
-    req = ResourceRequest(1, label_selector={lbl.DONOR_ID: "!donor-1"})
+    req = Resources(1, label_selector={lbl.LABEL_DONOR_ID: "!donor-1"})
     d = place_task(s.table, req, NOW)
     assert isinstance(d, Placement) and d.donor_ids == ("donor-2",)
 
@@ -153,7 +153,7 @@ def test_scale_uses_sampling_and_stays_correct() -> None:
     table = s.table
     gen = np.random.default_rng(1)
     for _ in range(50):
-        d = place_task(table, ResourceRequest(3, 1), NOW, rng=gen)
+        d = place_task(table, Resources(3, 1), NOW, rng=gen)
         assert isinstance(d, Placement)
         (n,) = d.nodes
         assert table.gpu_free[n] >= 1 and table.cpu_free[n] >= 3
@@ -163,7 +163,7 @@ def test_scale_uses_sampling_and_stays_correct() -> None:
 
 
 @st.composite
-def clusters(draw: st.DrawFn) -> ClusterSnapshot:
+def clusters(draw: st.DrawFn) -> FleetView:
     n = draw(st.integers(1, 12))
     owners = draw(st.integers(1, n))
     nodes = []
@@ -187,7 +187,7 @@ def clusters(draw: st.DrawFn) -> ClusterSnapshot:
 
 
 requests = st.builds(
-    ResourceRequest,
+    Resources,
     cpus=st.sampled_from([0.5, 1.0, 2.0, 3.0]),
     gpus=st.sampled_from([0.0, 0.0, 1.0]),
     memory_bytes=st.sampled_from([0.0, GIB]),
@@ -195,7 +195,7 @@ requests = st.builds(
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _check_capacity(s: ClusterSnapshot, d: Placement) -> None:
+def _check_capacity(s: FleetView, d: Placement) -> None:
     by_node: Counter[int] = Counter()
     cpu: Counter[int] = Counter()
     gpu: Counter[int] = Counter()
@@ -207,7 +207,7 @@ def _check_capacity(s: ClusterSnapshot, d: Placement) -> None:
         mem[n] += r.memory_bytes  # type: ignore[assignment]
     t = s.table
     for n in by_node:
-        view = s.nodes[n]
+        view = s.active[n]
         assert not view.draining and view.is_donor
         assert cpu[n] <= t.cpu_free[n] + 1e-9
         assert gpu[n] <= t.gpu_free[n] + 1e-9
@@ -217,45 +217,45 @@ def _check_capacity(s: ClusterSnapshot, d: Placement) -> None:
 @FAST
 @given(clusters(), requests, st.sampled_from(list(WorkloadKind)))
 def test_task_never_over_capacity_and_gpu_only_on_gpu_donors(
-    s: ClusterSnapshot, req: ResourceRequest, kind: WorkloadKind
+    s: FleetView, req: Resources, kind: WorkloadKind
 ) -> None:
     d = place_task(s.table, req, NOW, kind=kind, horizon_s=HOUR)
     fits = [
         n
-        for n in s.nodes
+        for n in s.active
         if n.is_donor
         and not n.draining
-        and n.available["CPU"] >= req.cpus
-        and n.available["GPU"] >= req.gpus
-        and n.available["memory"] >= req.memory_bytes
+        and n.free.cpus >= req.cpus
+        and n.free.gpus >= req.gpus
+        and n.free.memory_bytes >= req.memory_bytes
     ]
     assert isinstance(d, Placement) == bool(fits)
     if isinstance(d, Placement):
         _check_capacity(s, d)
         if req.gpus:
-            assert s.nodes[d.nodes[0]].total["GPU"] > 0
+            assert s.active[d.nodes[0]].caps.gpus > 0
 
 
 @FAST
 @given(clusters(), requests, st.integers(1, 6))
 def test_gang_is_whole_or_nothing_on_distinct_donors(
-    s: ClusterSnapshot, req: ResourceRequest, k: int
+    s: FleetView, req: Resources, k: int
 ) -> None:
     d = place_gang(s.table, [req] * k, NOW, horizon_s=4 * HOUR)
     hosts = sum(
         1
-        for n in s.nodes
+        for n in s.active
         if n.is_donor
         and not n.draining
-        and n.available["CPU"] >= req.cpus
-        and n.available["GPU"] >= req.gpus
-        and n.available["memory"] >= req.memory_bytes
+        and n.free.cpus >= req.cpus
+        and n.free.gpus >= req.gpus
+        and n.free.memory_bytes >= req.memory_bytes
     )
     if isinstance(d, Placement):
         assert len(d.nodes) == k and len(set(d.nodes)) == k
         _check_capacity(s, d)
         if req.gpus:
-            assert all(s.nodes[n].total["GPU"] > 0 for n in d.nodes)
+            assert all(s.active[n].caps.gpus > 0 for n in d.nodes)
     else:
         assert hosts < k
 
@@ -265,13 +265,13 @@ def test_gang_is_whole_or_nothing_on_distinct_donors(
     clusters(),
     requests,
     st.lists(
-        st.sampled_from([ResourceRequest(1), ResourceRequest(2), ResourceRequest(1, 1)]),
+        st.sampled_from([Resources(1), Resources(2), Resources(1, 1)]),
         min_size=2,
         max_size=4,
     ),
 )
 def test_mixed_gang_is_whole_or_nothing(
-    s: ClusterSnapshot, _: ResourceRequest, bundles: list[ResourceRequest]
+    s: FleetView, _: Resources, bundles: list[Resources]
 ) -> None:
     d = place_gang(s.table, bundles, NOW, horizon_s=HOUR)
     if isinstance(d, Placement):
@@ -279,7 +279,7 @@ def test_mixed_gang_is_whole_or_nothing(
         _check_capacity(s, d)
         for n, r in zip(d.nodes, d.requests, strict=True):
             if r.gpus:
-                assert s.nodes[n].total["GPU"] > 0
+                assert s.active[n].caps.gpus > 0
 
 
 @FAST
@@ -290,25 +290,25 @@ def test_mixed_gang_is_whole_or_nothing(
     st.lists(st.sampled_from(["owner0", "owner1"]), max_size=2),
 )
 def test_replicas_spread_over_owners(
-    s: ClusterSnapshot, req: ResourceRequest, count: int, existing: list[str]
+    s: FleetView, req: Resources, count: int, existing: list[str]
 ) -> None:
     d = place_replicas(s.table, req, count, NOW, existing_owners=existing)
     if isinstance(d, Unplaced):
         return
     _check_capacity(s, d)
     if req.gpus:
-        assert all(s.nodes[n].total["GPU"] > 0 for n in d.nodes)
-    owners = [s.nodes[n].owner for n in d.nodes]
+        assert all(s.active[n].caps.gpus > 0 for n in d.nodes)
+    owners = [s.active[n].owner for n in d.nodes]
     used = set(existing) | set(owners)
     # If any replica shares an owner, no node of an unused owner could have taken it.
     if len(set(owners)) < len(owners) or set(owners) & set(existing):
-        for n in s.nodes:
+        for n in s.active:
             if n.owner in used or not n.is_donor or n.draining:
                 continue
             room = (
-                n.available["CPU"] >= req.cpus
-                and n.available["GPU"] >= req.gpus
-                and n.available["memory"] >= req.memory_bytes
+                n.free.cpus >= req.cpus
+                and n.free.gpus >= req.gpus
+                and n.free.memory_bytes >= req.memory_bytes
             )
             assert not room, f"{n.owner} had room but replicas share owners {owners}"
 
@@ -320,12 +320,12 @@ def test_task_options_pin_with_label_selector_and_fall_back() -> None:
     s = snap(node(1), node(2), node(3))
     opts = decide_options("batch", s, num_cpus=2, memory=GIB)
     assert opts["num_cpus"] == 2 and opts["memory"] == int(GIB)
-    donor = opts["label_selector"][lbl.DONOR_ID]
+    donor = opts["label_selector"][lbl.LABEL_DONOR_ID]
     assert donor.startswith("donor-")
     fallback = opts["fallback_strategy"]
-    assert fallback[0]["label_selector"][lbl.DONOR_ID].startswith("in(")
-    assert donor not in fallback[0]["label_selector"][lbl.DONOR_ID]
-    assert fallback[-1] == {"label_selector": {lbl.ROLE: lbl.ROLE_DONOR}}
+    assert fallback[0]["label_selector"][lbl.LABEL_DONOR_ID].startswith("in(")
+    assert donor not in fallback[0]["label_selector"][lbl.LABEL_DONOR_ID]
+    assert fallback[-1] == {"label_selector": {lbl.LABEL_ROLE: lbl.ROLE_DONOR}}
     hard = decide_options("inference", s, soft=False, num_gpus=0)
     assert "fallback_strategy" not in hard
 
@@ -346,7 +346,7 @@ def test_gang_args_match_ray_placement_group_signature() -> None:
     args = gang_args("training", [{"CPU": 2, "GPU": 1}] * 3, s, horizon_s=HOUR, name="g")
     assert args["strategy"] == "STRICT_SPREAD"
     assert len(args["bundle_label_selector"]) == 3
-    assert len({sel[lbl.DONOR_ID] for sel in args["bundle_label_selector"]}) == 3
+    assert len({sel[lbl.LABEL_DONOR_ID] for sel in args["bundle_label_selector"]}) == 3
     pg.validate_placement_group(
         bundles=args["bundles"],
         strategy=args["strategy"],
@@ -371,11 +371,11 @@ def test_options_errors_are_typed_and_helpful() -> None:
     with pytest.raises(PlacementError, match="TPU"):
         gang_args("training", [{"TPU": 1}], s)
     with pytest.raises(PlacementError, match="replica count"):
-        place_replicas(s.table, ResourceRequest(1), 0, NOW)
-    bad = Placement(WorkloadKind.BATCH, (0,), ("n",), ("bad id!",), (ResourceRequest(1),), 1.0, 1.0)
+        place_replicas(s.table, Resources(1), 0, NOW)
+    bad = Placement(WorkloadKind.BATCH, (0,), ("n",), ("bad id!",), (Resources(1),), 1.0, 1.0)
     with pytest.raises(PlacementError, match="label selector"):
         task_options(bad)
-    empty = Placement(WorkloadKind.TRAINING, (0,), ("n",), ("d",), (ResourceRequest(0),), 1.0, 1.0)
+    empty = Placement(WorkloadKind.TRAINING, (0,), ("n",), ("d",), (Resources(0),), 1.0, 1.0)
     with pytest.raises(PlacementError, match="no resources"):
         placement_group_args(empty)
 
