@@ -35,7 +35,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -261,7 +261,7 @@ class Auditor:
         results = []
         for fut in cf.as_completed(futures):
             task = futures[fut]
-            outcome, reason = fut.result()  # type: ignore[misc]
+            outcome, reason = cast(tuple[str, str], fut.result())
             self.service.record_audit(task, outcome, reason)
             result = AuditResult(task.donor_id, task.piece_id, outcome, reason, self._clock())
             results.append(result)

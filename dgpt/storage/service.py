@@ -26,13 +26,14 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dgpt.exceptions import InvalidRequest, StorageError
+from dgpt.exceptions import InvalidRequest, NotFound, StorageError, WriteConflict
 from dgpt.storage import capability, crypto
 from dgpt.storage.capability import Op
 from dgpt.storage.codec import DEFAULT_PROFILES, Profile, choose_profile
 from dgpt.storage.metadata import (
     DURABLE_STATES,
     READABLE_STATES,
+    FileRow,
     MetadataStore,
     PieceRow,
     SegmentCounts,
@@ -290,7 +291,7 @@ class StorageService:
                 out-of-range indexes. WriteConflict: the write is not open.
             NotEnoughDonors: not enough distinct donors and owners with room.
         """
-        row = self.store.file_row(file_id=write_id)
+        row = self._write_row(write_id)
         profile = row.profile
         if segment < 0:
             raise InvalidRequest(f"segment must be >= 0, got {segment}", 400)
@@ -325,13 +326,22 @@ class StorageService:
         ]
         return SegmentPlacement(segment=segment, targets=targets, profile_warning=profile.warning)
 
+    def _write_row(self, write_id: str) -> FileRow:
+        try:
+            row = self.store.file_row(file_id=write_id)
+        except NotFound:
+            raise WriteConflict(f"write {write_id} is unknown, aborted or expired", hint="start the write again") from None
+        if row.state != "open":
+            raise WriteConflict(f"write {write_id} is already committed", hint="start a new write")
+        return row
+
     def min_commit_pieces(self, profile: Profile) -> int:
         """Pieces each segment must have stored at commit: above the repair threshold."""
         return min(profile.n, profile.repair_at + 1)
 
     def commit_write(self, write_id: str, size: int, stored: list[StoredPiece]) -> Entry:
         """Make the write visible at its path (atomically replacing an older version)."""
-        row = self.store.file_row(file_id=write_id)
+        row = self._write_row(write_id)
         return self.store.commit_write(write_id, size, [(s.segment, s.index, s.donor_id) for s in stored],
                                        self.min_commit_pieces(row.profile), self._clock())
 

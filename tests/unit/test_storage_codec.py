@@ -11,7 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dgpt.exceptions import NotEnoughDonors, StorageError
-from dgpt.storage.codec import DEFAULT_PROFILES, Codec, Profile, choose_profile, codec_for, join_data_fragments
+from dgpt.storage.codec import (
+    DEFAULT_PROFILES,
+    Codec,
+    Profile,
+    choose_profile,
+    codec_for,
+    join_data_fragments,
+)
 
 PROFILES = sorted({p for _, p in DEFAULT_PROFILES} | {Profile(29, 80, 35), Profile(1, 3, 1), Profile(5, 11, 7), Profile(10, 16, 12)},
                   key=lambda p: (p.k, p.n))
