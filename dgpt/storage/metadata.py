@@ -164,7 +164,7 @@ class SegmentRow:
 
 @dataclass(frozen=True, slots=True)
 class SegmentCounts:
-    """How many pieces of a segment are durable (on donors not gone, not bad) and readable."""
+    """How many pieces of a segment are durable (stored, on donors not gone), readable now, and bad."""
 
     file_id: str
     path: str
@@ -172,6 +172,7 @@ class SegmentCounts:
     profile: Profile
     durable: int
     readable: int
+    bad: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,7 +727,8 @@ class MetadataStore:
         rows = self._read(
             f"""SELECT f.file_id, f.path, f.k, f.n, f.repair_at, s.segment,
                    SUM(CASE WHEN p.state='stored' AND d.state IN {DURABLE_STATES} THEN 1 ELSE 0 END) AS durable,
-                   SUM(CASE WHEN p.state='stored' AND d.state IN {READABLE_STATES} THEN 1 ELSE 0 END) AS readable
+                   SUM(CASE WHEN p.state='stored' AND d.state IN {READABLE_STATES} THEN 1 ELSE 0 END) AS readable,
+                   SUM(CASE WHEN p.state='bad' THEN 1 ELSE 0 END) AS bad
                 FROM files f JOIN segments s ON s.file_id=f.file_id
                 LEFT JOIN pieces p ON p.file_id=s.file_id AND p.segment=s.segment
                 LEFT JOIN donors d ON d.donor_id=p.donor_id
@@ -735,7 +737,7 @@ class MetadataStore:
         )
         return [
             SegmentCounts(r["file_id"], r["path"], r["segment"], Profile(r["k"], r["n"], r["repair_at"]),
-                          int(r["durable"] or 0), int(r["readable"] or 0))
+                          int(r["durable"] or 0), int(r["readable"] or 0), int(r["bad"] or 0))
             for r in rows
         ]
 

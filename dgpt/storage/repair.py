@@ -1,10 +1,13 @@
 """Keeping pieces alive: the repair checker (pure), the repairer, graceful leave, audits, garbage.
 
 **Checker** (:func:`endangered`): a segment needs repair when its *durable* pieces (stored,
-not found bad, on donors that are not gone) fall to its profile's ``repair_at``. The most
-endangered go first: fewest durable pieces beyond k (the losses it can still absorb), then
-fewest readable ones. Offline donors still count as durable: a donor that sleeps at night
-comes back with its pieces; only the head declaring it gone (a long silence) writes them off.
+not found bad, on donors that are not gone) fall to its profile's ``repair_at``, or when one
+of its pieces was found bad (corrupt or missing: an integrity failure, not churn, so it is
+not left to wait for the threshold). The most endangered go first: fewest durable pieces
+beyond k (the losses it can still absorb), then fewest readable ones. Offline donors still
+count as durable: a donor that sleeps at night comes back with its pieces; only the head
+declaring it gone (a long silence) writes them off. Waiting for the threshold instead of
+repairing every loss is what keeps repair traffic low under churn (Storj's lazy repair).
 
 **Repairer** (:class:`Repairer`): fetches k verified pieces of the segment (the read path's
 hedged fetch), rebuilds only the missing indexes stripe by stripe (no file key needed:
@@ -69,7 +72,7 @@ def margin(durable: int | IntArray, k: int | IntArray) -> int | IntArray:
 
 def endangered(counts: Iterable[SegmentCounts]) -> list[SegmentCounts]:
     """Segments that need repair, most endangered first (smallest margin, then fewest readable)."""
-    due = [c for c in counts if needs_repair(c.durable, c.profile.repair_at)]
+    due = [c for c in counts if needs_repair(c.durable, c.profile.repair_at) or c.bad > 0]
     return sorted(due, key=lambda c: (margin(c.durable, c.profile.k), c.readable - c.profile.k, c.file_id, c.segment))
 
 
@@ -254,9 +257,20 @@ class Auditor:
             return "failed", f"leaf {leaf_index} does not match the piece id"
         return "passed", ""
 
-    def run_once(self, count: int = 32) -> list[AuditResult]:
-        """Audit up to ``count`` random pieces (in parallel); record every outcome."""
-        tasks = self.service.audit_tasks(count)
+    def run_once(self, count: int = 32, follow_up: int = 64) -> list[AuditResult]:
+        """Audit up to ``count`` random pieces (in parallel) and record every outcome.
+
+        A donor that fails one gets up to ``follow_up`` more of its pieces audited at once:
+        rot or cheating on one disk rarely stops at one piece.
+        """
+        results = self._audit(self.service.audit_tasks(count))
+        done = {r.piece_id for r in results}
+        for donor_id in sorted({r.donor_id for r in results if r.outcome == "failed"}):
+            more = [t for t in self.service.audit_tasks_on(donor_id, follow_up) if t.piece_id not in done]
+            results += self._audit(more)
+        return results
+
+    def _audit(self, tasks: list[AuditTask]) -> list[AuditResult]:
         futures = {self.client.submit(self.check, t): t for t in tasks}
         results = []
         for fut in cf.as_completed(futures):

@@ -458,6 +458,17 @@ class StorageService:
                                    self._cap(p.donor_id, [Op.AUDIT], [p.piece_id]), seg.piece_bytes, seg.leaf_bytes))
         return tasks
 
+    def audit_tasks_on(self, donor_id: str, limit: int) -> list[AuditTask]:
+        """Audit tasks for up to ``limit`` stored pieces of one donor (follow-up on a failure)."""
+        tasks = []
+        for p in self.store.pieces_on_donor(donor_id)[:limit]:
+            if p.state != "stored":
+                continue
+            seg = self.store.segment(p.file_id, p.segment)
+            tasks.append(AuditTask(p.file_id, p.segment, p.index, p.piece_id, p.donor_id, p.url,
+                                   self._cap(p.donor_id, [Op.AUDIT], [p.piece_id]), seg.piece_bytes, seg.leaf_bytes))
+        return tasks
+
     def record_audit(self, task: AuditTask, outcome: str, reason: str = "") -> None:
         """Record an audit; a failed one marks the piece bad, so the repairer rebuilds it."""
         self.store.record_audit(task.donor_id, task.piece_id, outcome, reason, self._clock())
