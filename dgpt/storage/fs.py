@@ -313,6 +313,20 @@ class DonorWriteFile(AbstractBufferedFile):
         self.writer: FileWriter | None = None
         super().__init__(fs, path, mode=mode, block_size=block_size or fs.blocksize, autocommit=autocommit, **kwargs)
 
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # fsspec's files commit on any exit; a write that failed must not become visible.
+        if exc_type is None:
+            self.close()
+            return
+        self.discard()
+        self.closed = True
+
+    def __del__(self) -> None:
+        # Only close() or a clean `with` commits; a writer dropped half-way is abandoned.
+        if not getattr(self, "closed", True):
+            self.discard()
+            self.closed = True
+
     def _initiate_upload(self) -> None:
         fs: DonorFileSystem = self.fs
         try:
