@@ -99,6 +99,16 @@ class StripeCipher:
     def seal(self, segment: int, stripe: int, plaintext: bytes | memoryview) -> bytes:
         return self._aead.encrypt(self.nonce(segment, stripe), plaintext, self._aad)
 
+    def decrypt_into(self, segment: int, stripe: int, sealed: bytes | memoryview, out: memoryview) -> None:
+        """Open a stripe straight into ``out`` (``len(sealed) - TAG_BYTES`` bytes)."""
+        try:
+            self._aead.decrypt_into(self.nonce(segment, stripe), sealed, self._aad, out)
+        except InvalidTag:
+            raise StorageError(
+                f"stripe {stripe} of segment {segment} of file {self.file_id} fails authentication "
+                "although its pieces matched their ids: the file key or layout is wrong",
+            ) from None
+
     def open(self, segment: int, stripe: int, sealed: bytes | memoryview) -> bytes:
         """The plaintext; raises StorageError if the stripe fails authentication."""
         try:

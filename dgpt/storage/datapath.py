@@ -47,6 +47,7 @@ from dgpt.storage.models import (
     StoredPiece,
     WritePlan,
 )
+from dgpt.storage.pool import PooledSeal, SegmentPool, default_pool
 from dgpt.storage.segment import SealedSegment, SegmentLayout, open_stripes, seal_segment
 from dgpt.storage.service import MetadataClient
 from dgpt.storage.transport import PieceTransport
@@ -55,6 +56,9 @@ from dgpt.storage.transport import PieceTransport
 UPLOAD_ATTEMPTS = 3
 #: Renew read grants this long before they expire.
 GRANT_MARGIN_S = 60.0
+#: Segments at least this big are sealed and opened on the worker pool (every core); smaller
+#: ones inline, where starting processes and copying into shared memory would cost more.
+POOL_MIN_BYTES = 4 << 20
 #: Leaf-hash lists kept per reader (one per piece touched by range reads; 2 KiB each for 64 leaves).
 LEAF_CACHE = 4096
 
@@ -86,9 +90,20 @@ class StorageClient:
     """Reads and writes files of the storage tier; share one per process (it is thread-safe)."""
 
     def __init__(self, metadata: MetadataClient, transport: PieceTransport, io_workers: int = 16,
-                 extra_reads: Callable[[int], int] = default_extra_reads, clock: Callable[[], float] = time.time) -> None:
+                 extra_reads: Callable[[int], int] = default_extra_reads, clock: Callable[[], float] = time.time,
+                 pool: SegmentPool | None | str = "auto") -> None:
+        """
+        Args:
+            metadata: the metadata service (in-process, actor proxy or REST client).
+            transport: how to reach piece servers.
+            io_workers: parallel piece transfers.
+            extra_reads: pieces fetched beyond k, as a function of k.
+            pool: worker processes for big segments: ``"auto"`` (the process-wide pool,
+                started on first big segment), a pool, or ``None`` (always inline).
+        """
         self.metadata = metadata
         self.transport = transport
+        self._segment_pool = pool
         self.extra_reads = extra_reads
         self.clock = clock
         self.stats = ReadStats()
@@ -101,6 +116,13 @@ class StorageClient:
     def close(self) -> None:
         self._control.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def pool_for(self, plain_bytes: int, needed_bytes: int) -> SegmentPool | None:
+        """The worker pool if a segment of ``plain_bytes`` should use it (and fits a slot)."""
+        if self._segment_pool is None or plain_bytes < POOL_MIN_BYTES:
+            return None
+        pool = default_pool() if isinstance(self._segment_pool, str) else self._segment_pool
+        return pool if pool.usable(needed_bytes) else None
 
     def submit(self, fn: Callable[..., object], *args: object) -> cf.Future[object]:
         """Run one piece transfer on the I/O pool."""
@@ -165,7 +187,7 @@ class FileWriter:
         self._segment = 0
         self._size = 0
         self._stored: list[StoredPiece] = []
-        self._inflight: list[cf.Future[object]] = []
+        self._inflight: list[tuple[cf.Future[object], PooledSeal | None]] = []
         self._closed = False
 
     def __enter__(self) -> FileWriter:
@@ -200,19 +222,40 @@ class FileWriter:
         return len(data)
 
     def _seal_and_send(self, plaintext: memoryview) -> None:
-        sealed = seal_segment(self.cipher, self.codec, self._segment, plaintext, self.plan.stripe_plain_bytes)
+        layout = SegmentLayout(self.codec.k, self.codec.n, len(plaintext), self.plan.stripe_plain_bytes)
+        pool = self.client.pool_for(len(plaintext), SegmentPool.seal_bytes_needed(layout))
+        pooled: PooledSeal | None = None
+        if pool is not None:
+            pooled = pool.seal(self.plan.file_key, self.plan.file_id, self.codec.k, self.codec.n, self._segment,
+                               plaintext, self.plan.stripe_plain_bytes)
+            sealed = pooled.sealed
+        else:
+            sealed = seal_segment(self.cipher, self.codec, self._segment, plaintext, self.plan.stripe_plain_bytes)
         self._size += len(plaintext)
         # At most one segment uploads while the next is sealed: bounded memory, overlapped CPU.
-        self._drain(keep=0)
-        self._inflight.append(self.client.submit_control(self._upload_segment, self._segment, sealed))
+        try:
+            self._drain(keep=0)
+        except BaseException:
+            if pooled is not None:
+                pooled.release()
+            raise
+        fut = self.client.submit_control(self._upload_segment, self._segment, sealed, pooled)
+        self._inflight.append((fut, pooled))
         self._segment += 1
 
     def _drain(self, keep: int) -> None:
         while len(self._inflight) > keep:
-            fut = self._inflight.pop(0)
+            fut, _ = self._inflight.pop(0)
             self._stored.extend(fut.result())  # type: ignore[arg-type]
 
-    def _upload_segment(self, segment: int, sealed: SealedSegment) -> list[StoredPiece]:
+    def _upload_segment(self, segment: int, sealed: SealedSegment, pooled: PooledSeal | None) -> list[StoredPiece]:
+        try:
+            return self._upload_pieces(segment, sealed)
+        finally:
+            if pooled is not None:
+                pooled.release()
+
+    def _upload_pieces(self, segment: int, sealed: SealedSegment) -> list[StoredPiece]:
         layout = sealed.layout
         specs = {
             i: PieceSpec(index=i, piece_id=sealed.piece_ids[i], piece_bytes=layout.piece_bytes, leaf_bytes=layout.leaf_bytes)
@@ -272,9 +315,10 @@ class FileWriter:
         if self._closed:
             return
         self._closed = True
-        for fut in self._inflight:
-            fut.cancel()
-        for fut in self._inflight:
+        for fut, pooled in self._inflight:
+            if fut.cancel() and pooled is not None:
+                pooled.release()  # it never ran, so it never gave its slot back
+        for fut, _ in self._inflight:
             try:
                 fut.result()
             except BaseException:  # noqa: S110 - the write is being abandoned anyway
@@ -329,15 +373,16 @@ class FileReader:
             raise ValueError(f"start must be >= 0, got {start}")
         if start >= stop:
             return b""
-        parts = list(self._iter_range(start, stop))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        parts = [chunk for seg in self._iter_range(start, stop) for chunk in seg]
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
 
     def iter_segments(self) -> Iterator[bytes]:
         """The whole file, one segment at a time."""
         if self.size:
-            yield from self._iter_range(0, self.size)
+            for chunks in self._iter_range(0, self.size):
+                yield b"".join(chunks)
 
-    def _iter_range(self, start: int, stop: int) -> Iterator[bytes]:
+    def _iter_range(self, start: int, stop: int) -> Iterator[list[bytes | memoryview]]:
         parts = []
         for info in self.layout.segments:
             lo, hi = max(start, info.offset), min(stop, info.offset + info.plain_bytes)
@@ -358,14 +403,39 @@ class FileReader:
             self.grant(segment).pieces, refresh=lambda: self.grant(segment, refresh=True).pieces,
         )
 
-    def _finish(self, fetch: HedgedFetch, lo: int, hi: int) -> bytes:
+    def _finish(self, fetch: HedgedFetch, lo: int, hi: int) -> list[bytes | memoryview]:
+        """The plaintext of ``[lo, hi)`` of the fetched segment, as per-stripe chunks."""
         pieces = fetch.result()
         self.client.stats.add(**({"systematic": 1} if all(i in pieces for i in range(self.k)) else {"decoded": 1}))
-        data = open_stripes(self.cipher, self.codec, fetch.layout, fetch.segment, fetch.stripes, pieces)
-        base = fetch.stripes.start * fetch.layout.stripe_plain_bytes
-        if lo - base == 0 and hi - base == len(data):
-            return data
-        return data[lo - base : hi - base]
+        plain = sum(fetch.layout.stripe_plain(j) for j in fetch.stripes)
+        pool = self.client.pool_for(plain, SegmentPool.open_bytes_needed(fetch.layout, fetch.stripes))
+        slot = None
+        if pool is not None:
+            views, slot = pool.open(self.layout.file_key, self.layout.file_id, fetch.layout, fetch.segment,
+                                    fetch.stripes, pieces)
+            chunks: list[bytes | memoryview] = list(views)
+        else:
+            chunks = list(open_stripes(self.cipher, self.codec, fetch.layout, fetch.segment, fetch.stripes, pieces))
+        try:
+            return self._trim(chunks, fetch, lo, hi, copy=slot is not None)
+        finally:
+            if slot is not None:
+                slot.release()
+
+    @staticmethod
+    def _trim(chunks: list[bytes | memoryview], fetch: HedgedFetch, lo: int, hi: int,
+              copy: bool) -> list[bytes | memoryview]:
+        """Cut the stripes to ``[lo, hi)``; with ``copy``, into one new bytes (the slot goes back)."""
+        stripe = fetch.layout.stripe_plain_bytes
+        head = lo - fetch.stripes.start * stripe
+        tail = (fetch.stripes.stop - 1) * stripe + len(chunks[-1]) - hi
+        if head or tail:
+            if len(chunks) == 1:
+                chunks[0] = memoryview(chunks[0])[head : len(chunks[0]) - tail]
+            else:
+                chunks[0] = memoryview(chunks[0])[head:]
+                chunks[-1] = memoryview(chunks[-1])[: len(chunks[-1]) - tail]
+        return [b"".join(chunks)] if copy else chunks
 
 
 def leaf_hashes(client: StorageClient, loc: PieceLocation, layout: SegmentLayout) -> list[bytes]:

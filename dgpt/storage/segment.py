@@ -99,7 +99,7 @@ class SealedSegment:
     """A segment's n pieces, each as its fragments (one per stripe), with their ids."""
 
     layout: SegmentLayout
-    pieces: tuple[tuple[bytes, ...], ...]
+    pieces: tuple[tuple[bytes | memoryview, ...], ...]
     piece_ids: tuple[str, ...]
 
     def piece(self, index: int) -> bytes:
@@ -152,8 +152,10 @@ def open_stripes(
     segment: int,
     stripes: range,
     pieces: Mapping[int, bytes | memoryview],
-) -> bytes:
-    """The plaintext of ``stripes`` from k (or more) verified pieces.
+) -> list[bytes]:
+    """The plaintext of each of ``stripes``, from k (or more) verified pieces.
+
+    Returned per stripe, so a caller joins once for a whole read instead of once per segment.
 
     Args:
         pieces: index -> the bytes :meth:`SegmentLayout.piece_span` of ``stripes`` of that piece.
@@ -167,7 +169,7 @@ def open_stripes(
         lo, hi = layout.fragment_span(j)
         frags = {i: v[lo - base : hi - base] for i, v in views.items()}
         out.append(cipher.open(segment, j, codec.decode(frags)))
-    return out[0] if len(out) == 1 else b"".join(out)
+    return out
 
 
 def rebuild_pieces(codec: Codec, layout: SegmentLayout, pieces: Mapping[int, bytes | memoryview],

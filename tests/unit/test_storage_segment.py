@@ -38,7 +38,7 @@ def test_seal_and_open_any_range(kn, size, draw):
     lo, hi = layout.piece_span(stripes)
     survivors = draw.draw(st.permutations(range(n)))[:k]
     pieces = {i: sealed.piece(i)[lo:hi] for i in survivors}
-    plain = open_stripes(cipher, codec, layout, 3, stripes, pieces)
+    plain = b"".join(open_stripes(cipher, codec, layout, 3, stripes, pieces))
     base = stripes.start * STRIPE
     assert plain[start - base : end - base] == data[start:end]
 
@@ -51,7 +51,7 @@ def test_stripes_are_bound_to_their_position_and_file():
     pieces = {i: sealed.piece(i) for i in range(2)}
     layout = sealed.layout
     # The right file, key and segment open it.
-    assert open_stripes(StripeCipher(key, "f1"), codec, layout, 0, range(3), pieces) == data
+    assert b"".join(open_stripes(StripeCipher(key, "f1"), codec, layout, 0, range(3), pieces)) == data
     with pytest.raises(StorageError, match="fails authentication"):
         open_stripes(StripeCipher(key, "f1"), codec, layout, 1, range(3), pieces)  # another segment's nonces
     with pytest.raises(StorageError, match="fails authentication"):
