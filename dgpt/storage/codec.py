@@ -14,8 +14,8 @@ default profile and shows the Vandermonde counterexample.
 Profiles (:data:`DEFAULT_PROFILES`) are picked by the number of *eligible* donors: distinct
 donors of distinct owners with room, since a segment never puts two pieces on one donor or
 one owner. All but the tiniest keep 3x overhead and spend it on width: with donors that
-live about a month and are online 70% of the time, 3x replication keeps ~1.4 nines a year
-while 16-of-48 at the same 3x keeps more than ten (``benchmarks/durability.py``).
+live about a month and are online 70% of the time, 3x replication keeps ~1.5 nines a year
+while 16-of-48 at the same 3x keeps about fifteen (``benchmarks/durability.py``).
 """
 
 from __future__ import annotations
@@ -89,14 +89,17 @@ class Profile:
 
 #: (minimum eligible donors, profile), widest first. Each tier needs some donors beyond n
 #: (about a quarter) so a lost piece can be rebuilt on a donor and owner that hold none of
-#: its segment yet; repair_at keeps about a third of the parity in reserve, the margin that
-#: absorbs further losses while a repair runs (benchmarks/durability.py gives the nines).
+#: its segment yet. ``repair_at`` is about 2k: a read needs k pieces *online*, and with donors
+#: online 70% of the time, 2k durable pieces keep P(k online) near 99.9% (fewer make reads
+#: fail while the segment waits for repair); it also leaves k pieces of loss margin for the
+#: repair window. ``python -m benchmarks.durability`` gives each tier's nines, availability
+#: and repair traffic, from the calculator and from a simulation.
 DEFAULT_PROFILES: tuple[tuple[int, Profile], ...] = (
-    (60, Profile(16, 48, 26)),
-    (30, Profile(8, 24, 14)),
-    (15, Profile(4, 12, 7)),
-    (8, Profile(2, 6, 3)),
-    (4, Profile(2, 4, 2)),
+    (60, Profile(16, 48, 32)),
+    (30, Profile(8, 24, 16)),
+    (15, Profile(4, 12, 8)),
+    (8, Profile(2, 6, 4)),
+    (4, Profile(2, 4, 3)),
     (3, Profile(2, 3, 2)),
 )
 

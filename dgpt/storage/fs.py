@@ -32,12 +32,11 @@ import fsspec
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from dgpt.exceptions import InvalidRequest, NotFound, WriteConflict
+from dgpt.storage import PROTOCOL
 from dgpt.storage.datapath import FileReader, FileWriter, StorageClient
 from dgpt.storage.models import Entry
 from dgpt.storage.service import MetadataClient
 from dgpt.storage.transport import PieceTransport
-
-PROTOCOL = "dgpt"
 
 Connector = Callable[[str], tuple[MetadataClient, PieceTransport]]
 _CONNECTORS: dict[str, Connector] = {}

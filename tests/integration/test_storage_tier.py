@@ -18,7 +18,7 @@ from dgpt.storage.metadata import check_invariant_used_bytes
 from dgpt.storage.repair import Auditor, Repairer, collect_garbage, endangered
 from tests.integration.storage_cluster import StorageCluster, start_cluster
 
-DONORS = 8  # eligible owners 8 -> the default profile is rs-2-of-6, repair at 3
+DONORS = 8  # eligible owners 8 -> the default profile is rs-2-of-6, repair at 4
 
 
 @pytest.fixture
@@ -39,11 +39,11 @@ def shared(tmp_path_factory):
 
 def test_profile_follows_the_fleet(shared):
     cluster = shared
-    assert cluster.service.choose_profile() == Profile(2, 6, 3)
+    assert cluster.service.choose_profile() == Profile(2, 6, 4)
     for d in list(cluster.servers)[:4]:
         cluster.service.set_donor_state(d, "offline")
     with pytest.warns(UserWarning, match="survives only 2 lost donor"):
-        assert cluster.service.choose_profile() == Profile(2, 4, 2)
+        assert cluster.service.choose_profile() == Profile(2, 4, 3)
     for d in list(cluster.servers)[:4]:
         cluster.service.set_donor_state(d, "online")
 
@@ -81,13 +81,14 @@ def test_repair_after_donors_are_declared_gone(cluster):
         cluster.servers[d].kill()
         cluster.service.set_donor_state(d, "gone")  # what the head does after a long silence
     due = endangered(cluster.service.segment_counts())
-    assert due and all(c.durable <= 3 for c in due)
+    assert due and all(c.durable <= 4 for c in due)
+    alive_before = {c.segment: c.durable for c in due}
     outcomes = Repairer(cluster.service, client).run_once()
     assert {(o.file_id, o.segment) for o in outcomes} == {(c.file_id, c.segment) for c in due}
     assert endangered(cluster.service.segment_counts()) == []
     for o in outcomes:
-        # 5 donors are left and 3 of them hold the segment already: 2 new pieces, on new owners.
-        assert len(o.rebuilt) == 2 and not set(o.moved_to) & set(victims)
+        # 5 donors are left: each repaired segment ends with one piece on every one of them.
+        assert len(o.rebuilt) == 5 - alive_before[o.segment] and not set(o.moved_to) & set(victims)
         rows = cluster.service.store.pieces(entry.file_id, o.segment)
         live = [r for r in rows if r.donor_state != "gone"]
         assert len(live) == 5 and len({r.owner for r in live}) == 5

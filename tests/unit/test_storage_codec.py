@@ -130,9 +130,9 @@ def test_profile_rejects_bad_numbers(kwargs, field):
 def test_choose_profile_by_eligible_donors():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert choose_profile(10_000) == Profile(16, 48, 26)
-        assert choose_profile(60) == Profile(16, 48, 26)
-        assert choose_profile(59) == Profile(8, 24, 14)
+        assert choose_profile(10_000) == Profile(16, 48, 32)
+        assert choose_profile(60) == Profile(16, 48, 32)
+        assert choose_profile(59) == Profile(8, 24, 16)
         assert choose_profile(15).n == 12
         assert choose_profile(8).n == 6
         assert choose_profile(3) == Profile(2, 3, 2)
@@ -140,6 +140,7 @@ def test_choose_profile_by_eligible_donors():
         # Room to repair: every wide tier needs more donors than pieces.
         assert minimum >= profile.n
         assert profile.overhead <= 3.0
+        assert profile.repair_at == min(2 * profile.k, profile.n - 1)
 
 
 def test_small_profiles_warn_and_tiny_fleets_are_refused():
