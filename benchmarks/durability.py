@@ -248,14 +248,20 @@ def main(argv: list[str] | None = None) -> int:
               f"nines {r['simulation']['nines']!s:>6} (>= {r['simulation']['nines_lower95']!s}) "
               f"avail {r['simulation']['availability_nines']!s:>5} traffic {r['simulation']['repair_traffic_per_year']}x/yr "
               f"({r['seconds']} s)", flush=True)
-    by_name = {r["profile"]: r for r in rows}
-    rep = by_name[replication(3).name]
-    wide = by_name[DEFAULT_PROFILES[0][1].name]
+    by_label = {r["label"]: r for r in rows}
+    rep = by_label["3x replication"]
+    wide = by_label[f"default tier >= {DEFAULT_PROFILES[0][0]} donors"]
     claims = {
         "replication_3x_nines": {"claim": "~1.4", "calculator": rep["calculator"]["nines"],
                                  "simulation": rep["simulation"]["nines"]},
-        "wide_code_nines_at_3x": {"claim": "7-10", "profile": wide["profile"], "calculator": wide["calculator"]["nines"],
+        "wide_code_nines_at_3x": {"claim": "7-10", "profile": wide["profile"], "repair_at": wide["repair_at"],
+                                  "calculator": wide["calculator"]["nines"],
                                   "simulation_lower95": wide["simulation"]["nines_lower95"]},
+        "storj_29_of_80_repair_35": {"note": "with these donors (70% online) 29 of 35 pieces are rarely online together, "
+                                             "so repairs stall and segments are lost",
+                                     "calculator": by_label["Storj (29-of-80, repair at 35), for reference"]["calculator"],
+                                     "simulation_losses": by_label["Storj (29-of-80, repair at 35), for reference"]
+                                     ["simulation"]["losses"]},
     }
     report = {
         "meta": {"quick": args.quick, "python": platform.python_version(), "host_cpus": os.cpu_count(),

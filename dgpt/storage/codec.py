@@ -15,7 +15,7 @@ Profiles (:data:`DEFAULT_PROFILES`) are picked by the number of *eligible* donor
 donors of distinct owners with room, since a segment never puts two pieces on one donor or
 one owner. All but the tiniest keep 3x overhead and spend it on width: with donors that
 live about a month and are online 70% of the time, 3x replication keeps ~1.5 nines a year
-while 16-of-48 at the same 3x keeps about fifteen (``benchmarks/durability.py``).
+while 16-of-48 at the same 3x keeps about eight (``benchmarks/durability.py``).
 """
 
 from __future__ import annotations

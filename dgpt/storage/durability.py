@@ -6,24 +6,28 @@ at rate ``lambda = 1 / lifetime_s`` (independently) and is online with probabili
 
 1. **decay**: from ``n`` durable pieces down to ``repair_at``: a pure death process, mean
    ``sum_{i = repair_at + 1}^{n} 1 / (i lambda)``;
-2. **repair window** of ``repair_s`` (noticing the loss, a long silence, plus rebuilding),
-   plus the wait until ``k`` of the ``repair_at`` pieces are online at once, which a repair
-   needs: ``a = P(Binomial(repair_at, online) >= k)``, each online session (``session_s``)
-   a fresh try, so ``wait = session_s (1 - a) / a``. Each remaining piece is lost within
-   the window with probability ``q = 1 - exp(-lambda window)``; the data is lost if more
-   than ``repair_at - k`` of them go: ``P_cycle = P(Binomial(repair_at, q) > repair_at - k)``;
-   otherwise the repair restores all ``n``. (The wait is why a repair threshold close to k
-   fails with donors that are often offline: 29-of-80 repairing at 35 finds 29 of 35
-   online only ~5% of the time at 70% online.)
+2. **detection and transfer**, a fixed ``repair_s`` (the head notices the loss after a long
+   silence; rebuilding takes a while): each of the ``repair_at`` pieces is lost within it
+   with probability ``q = 1 - exp(-lambda repair_s)``, so ``j = repair_at - Binomial(q)``
+   remain;
+3. **waiting for k online pieces**, which a repair needs. With ``i`` durable pieces, k of
+   them are online at once with probability ``a_i = P(Binomial(i, online) >= k)``. Who is
+   online reshuffles on the time scale ``tau = session_s (1 - online)`` (the correlation
+   time of a donor alternating online sessions of ``session_s`` and offline ones), so the
+   repair starts at rate ``rho_i = a_i / ((1 - a_i) tau)`` while pieces keep leaving at
+   ``i lambda``. The data is lost if they reach ``k - 1`` first:
+   ``P_loss(j) = prod_{i=k}^{j} i lambda / (i lambda + rho_i)``.
 
-Then ``loss rate = P_cycle / cycle length``, ``durability = exp(-year * loss rate)`` and
-``nines = -log10(1 - durability)``. Read availability is the time-weighted mean over the
-cycle of ``P(Binomial(i, online) >= k)``; repair traffic is what each cycle moves (read k
-pieces, write the missing ones) per user byte, times cycles per year.
+``P_cycle = E_j[P_loss(j)]`` (``P_loss = 1`` for ``j < k``); ``loss rate = P_cycle / cycle``,
+``durability = exp(-year * loss rate)``, ``nines = -log10(1 - durability)``. Read availability
+is the time-weighted mean over the cycle of ``P(Binomial(i, online) >= k)``; repair traffic
+is what each cycle moves (read k pieces, write the missing ones) per user byte.
 
-Why a fixed window and not an exponential repair time: a repair is bounded (a timeout plus
-a transfer), and the memoryless tail of an exponential would dominate wide codes' loss
-(it puts a 1% chance on a window five times too long). The Monte Carlo simulation in
+Step 3 is why a threshold close to k fails with donors that are often offline: the fewer
+pieces are left, the rarer k of them are online together, and a segment that misses its
+repair spirals down (29-of-80 repairing at 35 finds 29 of 35 online ~5% of the time at 70%
+online). Why a fixed window in step 2 and not an exponential one: a repair is bounded, and
+an exponential's tail would dominate wide codes' loss. The Monte Carlo simulation in
 ``benchmarks/durability.py`` runs the live placement and repair code against donors with
 sessions and detection by silence, and checks these numbers where losses are frequent
 enough to count.
@@ -89,14 +93,14 @@ def estimate(profile: Profile, churn: Churn) -> DurabilityEstimate:
     """Durability, availability and repair traffic of ``profile`` under ``churn``."""
     k, n, r = profile.k, profile.n, profile.repair_at
     lam = 1.0 / churn.lifetime_s
-    ready = binom_tail(r, churn.online, k)
-    window = churn.repair_s + (churn.session_s * (1 - ready) / ready if ready > 0 else math.inf)
     decay = {i: 1.0 / (i * lam) for i in range(r + 1, n + 1)}  # mean time spent at i
-    if math.isinf(window):  # k pieces are never online together: repair never runs
-        return DurabilityEstimate(profile, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    q = -math.expm1(-lam * churn.repair_s)
+    p_loss = _loss_while_waiting(k, r, lam, churn)
+    p_cycle = math.fsum(math.comb(r, x) * q**x * (1 - q) ** (r - x) * p_loss[r - x] for x in range(r + 1))
+    wait_s = math.fsum(math.comb(r, x) * q**x * (1 - q) ** (r - x) * _mean_wait(r - x, k, churn)
+                       for x in range(r - k + 1))
+    window = churn.repair_s + wait_s
     cycle_s = sum(decay.values()) + window
-    q = -math.expm1(-lam * window)
-    p_cycle = binom_tail(r, q, r - k + 1)
     loss_rate = p_cycle / cycle_s
     annual_loss = -math.expm1(-YEAR_S * loss_rate)
     # Availability: the decay states by their time, the window at its expected piece count.
@@ -114,6 +118,30 @@ def estimate(profile: Profile, churn: Churn) -> DurabilityEstimate:
         repairs_per_year=cycles_per_year,
         repair_traffic_per_year=cycles_per_year * (k + written) / k,
     )
+
+
+def _start_rate(i: int, k: int, churn: Churn) -> float:
+    """Rate at which a repair of a segment with ``i`` durable pieces finds k of them online."""
+    a = binom_tail(i, churn.online, k)
+    if a >= 1.0 or churn.online >= 1.0:
+        return math.inf
+    return a / ((1.0 - a) * churn.session_s * (1.0 - churn.online))
+
+
+def _mean_wait(i: int, k: int, churn: Churn) -> float:
+    rate = _start_rate(i, k, churn)
+    return 0.0 if math.isinf(rate) else (math.inf if rate == 0 else 1.0 / rate)
+
+
+def _loss_while_waiting(k: int, r: int, lam: float, churn: Churn) -> list[float]:
+    """``P_loss[j]``: the data is lost before a repair starts, from ``j`` durable pieces."""
+    out = [1.0] * (r + 1)
+    p = 1.0
+    for i in range(k, r + 1):
+        rate = _start_rate(i, k, churn)
+        p *= 0.0 if math.isinf(rate) else (i * lam) / (i * lam + rate)
+        out[i] = p
+    return out
 
 
 def replication(copies: int) -> Profile:

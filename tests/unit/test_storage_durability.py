@@ -14,13 +14,22 @@ from dgpt.storage.durability import DAY_S, YEAR_S, Churn, binom_tail, estimate, 
 def test_replication_matches_the_closed_form():
     churn = Churn(lifetime_s=30 * DAY_S, online=0.7, repair_s=DAY_S)
     est = estimate(replication(3), churn)
-    # One loss starts a one-day window; the data is gone if both other copies leave in it.
+    # One loss starts the window: both other copies may leave during detection (q each),
+    # then the repair waits for a copy to be online while the last ones may still leave.
     lam = 1 / churn.lifetime_s
     q = 1 - math.exp(-lam * DAY_S)
-    wait = churn.session_s * (1 - (1 - 0.3**2)) / (1 - 0.3**2)
-    q = 1 - math.exp(-lam * (DAY_S + wait))
+    tau = churn.session_s * (1 - churn.online)
+
+    def start_rate(i: int) -> float:
+        a = 1 - 0.3**i
+        return a / ((1 - a) * tau)
+
+    p1 = lam / (lam + start_rate(1))
+    p2 = p1 * 2 * lam / (2 * lam + start_rate(2))
+    p_cycle = q**2 + 2 * q * (1 - q) * p1 + (1 - q) ** 2 * p2
+    wait = (1 - q) ** 2 / start_rate(2) + 2 * q * (1 - q) / start_rate(1)
     cycle = 1 / (3 * lam) + DAY_S + wait
-    expected = 1 - math.exp(-YEAR_S * q**2 / cycle)
+    expected = 1 - math.exp(-YEAR_S * p_cycle / cycle)
     assert est.annual_loss == pytest.approx(expected, rel=1e-9)
     assert 1.2 < est.nines < 1.6  # "about 1.4 nines"
     assert est.availability == pytest.approx(1 - 0.3**3, abs=0.01)
