@@ -23,6 +23,9 @@ from fsspec.tests.abstract import (
 from dgpt.storage.fs import DonorFileSystem, pyarrow_filesystem
 from tests.integration.storage_cluster import start_cluster
 
+# Small test fabrics get small profiles, which warn on every write; the warning is tested elsewhere.
+pytestmark = pytest.mark.filterwarnings("ignore:profile rs-:UserWarning")
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

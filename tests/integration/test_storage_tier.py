@@ -18,6 +18,9 @@ from dgpt.storage.metadata import check_invariant_used_bytes
 from dgpt.storage.repair import Auditor, Repairer, collect_garbage, endangered
 from tests.integration.storage_cluster import StorageCluster, start_cluster
 
+# Small test fabrics get small profiles, which warn on every write; the warning is tested elsewhere.
+pytestmark = pytest.mark.filterwarnings("ignore:profile rs-:UserWarning")
+
 DONORS = 8  # eligible owners 8 -> the default profile is rs-2-of-6, repair at 4
 
 
