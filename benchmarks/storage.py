@@ -15,8 +15,9 @@ report gives the median of the rounds and the best round.
 
 1. write: ``StorageClient.write_bytes`` (encrypt, erasure-code, hash, place, store with the
    stores' hash checks, commit) vs writing the same bytes to one local file.
-2. read: ``read_bytes`` with every piece available (systematic: no decoding) vs reading the
-   file back.
+2. read: the file streamed back in 64 MiB reads (``FileReader.read``), every piece
+   available (systematic: no decoding), vs the same 64 MiB reads of the local file. Both
+   sides allocate each chunk afresh, as a consumer streaming a file does.
 3. worst-case read: the first n - k pieces of every segment are unreachable, so every
    stripe is decoded from parity (and the reader has to find that out itself).
 4. repair: one 64 MiB segment whose durable pieces fell to the repair threshold; time to
@@ -54,6 +55,8 @@ from dgpt.storage.service import StorageService
 from dgpt.storage.transport import LocalTransport
 
 RESULTS = Path(__file__).resolve().parent / "results" / "storage.json"
+#: Reads stream the file in chunks of this size on both sides.
+CHUNK = 64 << 20
 DONORS = 60
 TARGETS = {"write_mb_s": 350.0, "worst_read_mb_s": 500.0}
 
@@ -85,6 +88,13 @@ def _fabric(root: Path) -> tuple[StorageService, LocalTransport]:
         service.register_donor(DonorSpec(donor_id=donor_id, owner=f"owner-{i:02d}", url=url, capacity_bytes=8 << 30,
                                          reliability=0.9))
     return service, transport
+
+
+def _drain_file(f: Any) -> int:
+    total = 0
+    while chunk := f.read(CHUNK):
+        total += len(chunk)
+    return total
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -136,12 +146,19 @@ def _run(size_mb: int, rounds: int, root: Path) -> dict[str, Any]:
         with open(floor_path, "wb") as f:
             f.write(data)
 
-    def floor_read() -> bytes:
+    def floor_read() -> int:
         with open(floor_path, "rb") as f:
-            return f.read()
+            return _drain_file(f)
+
+    def dgpt_read(client: StorageClient, path: str) -> None:
+        reader = client.reader(path)
+        for start in range(0, reader.size, CHUNK):
+            chunk = reader.read(start, start + CHUNK)
+            assert chunk[:16] == data[start : start + 16]
 
     rates: dict[str, list[float]] = {k: [] for k in ("floor_write", "write", "floor_read", "read", "worst_read")}
     decoded = 0
+    loads: list[float] = []
     for r in range(rounds):
         path = f"bench/round-{r}.bin"
         seconds, _ = _timed(floor_write)
@@ -149,26 +166,27 @@ def _run(size_mb: int, rounds: int, root: Path) -> dict[str, Any]:
         client = StorageClient(service, transport)
         seconds, entry = _timed(lambda: client.write_bytes(path, data))  # noqa: B023
         rates["write"].append(nbytes / seconds / 1e6)
-        seconds, back = _timed(floor_read)
-        assert back == data
-        del back
+        if r == 0:
+            assert StorageClient(service, transport).read_bytes(path) == data, "read mismatch"
+        seconds, read_back = _timed(floor_read)
+        assert read_back == nbytes
         rates["floor_read"].append(nbytes / seconds / 1e6)
-        seconds, back = _timed(lambda: StorageClient(service, transport).read_bytes(path))  # noqa: B023
-        assert back == data, "read mismatch"
-        del back
+        seconds, _ = _timed(lambda: dgpt_read(StorageClient(service, transport), path))  # noqa: B023
         rates["read"].append(nbytes / seconds / 1e6)
         lost = {p.piece_id for p in service.store.pieces(entry.file_id) if p.index < profile.m}
         worst = StorageClient(service, LossyTransport(transport, lost))
-        seconds, back = _timed(lambda: worst.read_bytes(path))  # noqa: B023
-        assert back == data, "worst-case read mismatch"
-        del back
+        seconds, _ = _timed(lambda: dgpt_read(worst, path))  # noqa: B023
         decoded = worst.stats.decoded
         rates["worst_read"].append(nbytes / seconds / 1e6)
+        if r == 0:
+            assert StorageClient(service, LossyTransport(transport, lost)).read_bytes(path) == data, "worst mismatch"
+        loads.append(round(os.getloadavg()[0], 2))
         _say(f"round {r}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()) + " MB/s")
         service.delete(path)
         floor_path.unlink()
 
     repair = _repair(service, transport, profile.repair_at)
+    components = _components(service, transport, profile)
     out: dict[str, Any] = {
         "profile": profile.name,
         "bytes": nbytes,
@@ -177,6 +195,8 @@ def _run(size_mb: int, rounds: int, root: Path) -> dict[str, Any]:
         "worst_read": {"dgpt": _summary(rates["worst_read"]), "floor": _summary(rates["floor_read"]),
                        "missing_pieces_per_segment": profile.m, "segments_decoded": decoded},
         "repair": repair,
+        "components": components,
+        "load_avg_per_round": loads,
         "ray_data": ray_data_read(),
     }
     for key, floor_key in (("write", "floor_write"), ("read", "floor_read"), ("worst_read", "floor_read")):
@@ -207,6 +227,53 @@ def _repair(service: StorageService, transport: LocalTransport, repair_at: int) 
     return {"segment_bytes": len(data), "pieces_rebuilt": len(outcome.rebuilt), "seconds": round(seconds, 3),
             "bytes_read": outcome.bytes_read, "bytes_written": outcome.bytes_written,
             "rebuilt_mb_s": _rate(outcome.bytes_written, seconds)}
+
+
+def _components(service: StorageService, transport: LocalTransport, profile: Any) -> dict[str, Any]:
+    """Where a segment's time goes: sealing (inline, 1 and 2 workers), storing, opening."""
+    from dgpt.storage.codec import codec_for
+    from dgpt.storage.crypto import StripeCipher, new_file_key
+    from dgpt.storage.pool import SegmentPool
+    from dgpt.storage.segment import STRIPE_PLAIN_BYTES, open_stripes, seal_segment
+
+    seg = memoryview(os.urandom(service.options.segment_bytes))
+    key = new_file_key()
+    cipher, codec = StripeCipher(key, "bench"), codec_for(profile.k, profile.n)
+    out: dict[str, Any] = {"segment_bytes": len(seg)}
+
+    def best(fn: Callable[[], Any], reps: int = 3) -> float:
+        return min(_timed(fn)[0] for _ in range(reps))
+
+    out["seal_inline_mb_s"] = _rate(len(seg), best(lambda: seal_segment(cipher, codec, 0, seg)))
+    for workers in (1, 2):
+        pool = SegmentPool(workers=workers)
+        if not pool.usable(1):
+            break
+
+        def seal_once(pool: SegmentPool = pool) -> None:
+            pool.seal(key, "bench", profile.k, profile.n, 0, seg, STRIPE_PLAIN_BYTES).release()
+
+        out[f"seal_pool_{workers}_workers_mb_s"] = _rate(len(seg), best(seal_once))
+        pool.close()
+    sealed = seal_segment(cipher, codec, 0, seg)
+    stores = [s.store for s in transport.services.values()][: profile.n]
+
+    def store_all() -> None:
+        for i, store in enumerate(stores):
+            store.put(sealed.piece_ids[i], sealed.pieces[i], sealed.layout.piece_bytes, sealed.layout.leaf_bytes)
+        for i, store in enumerate(stores):
+            store.delete(sealed.piece_ids[i])
+
+    out["store_n_pieces_mb_s"] = _rate(len(seg), best(store_all))
+    layout = sealed.layout
+    parity = {i: sealed.piece(i) for i in range(profile.n - profile.k, profile.n)}
+    data_pieces = {i: sealed.piece(i) for i in range(profile.k)}
+    stripes = range(layout.stripes)
+    out["open_inline_from_parity_mb_s"] = _rate(len(seg), best(
+        lambda: open_stripes(cipher, codec, layout, 0, stripes, parity)))
+    out["open_inline_systematic_mb_s"] = _rate(len(seg), best(
+        lambda: open_stripes(cipher, codec, layout, 0, stripes, data_pieces)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

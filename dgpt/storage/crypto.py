@@ -32,6 +32,7 @@ TAG_BYTES = 16
 #: A cluster secret shorter than this would be guessable offline from one capability.
 MIN_SECRET_BYTES = 16
 _WRAP_LABEL = b"storage-wrap-v1"
+_FINGERPRINT_LABEL = b"storage-fingerprint-v1"
 _DONOR_LABEL = b"storage:"
 _STRIPE_AAD = b"dgpt-stripe-v1:"
 _WRAP_AAD = b"dgpt-file-key-v1:"
@@ -59,6 +60,12 @@ def wrapping_key(cluster_secret: bytes) -> bytes:
     """``K_wrap``: the key that wraps per-file keys. Never leaves the metadata service."""
     _check_secret(cluster_secret)
     return hmac.new(cluster_secret, _WRAP_LABEL, hashlib.sha256).digest()
+
+
+def secret_fingerprint(cluster_secret: bytes) -> str:
+    """A short, non-secret name of the cluster secret (to notice a head restarted with another)."""
+    _check_secret(cluster_secret)
+    return hmac.new(cluster_secret, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:16]
 
 
 def new_file_key() -> bytes:

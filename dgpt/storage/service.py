@@ -190,7 +190,7 @@ class StorageService:
         self._clock = clock
         # The store remembers a fingerprint of the secret: a head restarted with another
         # secret would otherwise hand out keys that unwrap nothing.
-        fingerprint = crypto.donor_storage_key(cluster_secret, "\x00fingerprint").hex()[:16]
+        fingerprint = crypto.secret_fingerprint(cluster_secret)
         if store.set_meta_once("secret_fingerprint", fingerprint) != fingerprint:
             raise StorageError(
                 f"the storage secret does not match the one {store.path} was created with",
