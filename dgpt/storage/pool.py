@@ -2,8 +2,8 @@
 
 Erasure coding (pyeclib) and BLAKE3 hold the GIL, so threads cannot spread them over cores.
 :class:`SegmentPool` starts ``workers`` processes once and a few fixed *slots* of shared
-memory (files in ``/dev/shm``, mapped by every process, unlinked at once so nothing leaks
-if the client is killed). A segment's stripes are split between the workers:
+memory (files in ``/dev/shm``, unlinked as soon as they are created and handed to the
+workers as open file descriptors, so nothing is left behind even if the client is killed). A segment's stripes are split between the workers:
 
 - **seal**: the parent copies the plaintext into a slot; each worker encrypts and encodes
   its stripes, writes the fragments straight into the pieces' places in the slot, and
@@ -28,7 +28,6 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dgpt.exceptions import StorageError
@@ -49,13 +48,13 @@ _SLOTS: list[mmap.mmap] = []
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``python -m dgpt.storage.pool READ_FD WRITE_FD SLOT_BYTES PATH...``: serve jobs until EOF."""
+    """``python -m dgpt.storage.pool READ_FD WRITE_FD SLOT_BYTES SLOT_FD...``: serve jobs until EOF."""
     from multiprocessing.connection import Connection
 
-    rfd, wfd, size, paths = int(argv[0]), int(argv[1]), int(argv[2]), argv[3:]
-    for path in paths:
-        with open(path, "r+b") as f:
-            _SLOTS.append(mmap.mmap(f.fileno(), size))
+    rfd, wfd, size, slot_fds = int(argv[0]), int(argv[1]), int(argv[2]), [int(a) for a in argv[3:]]
+    for fd in slot_fds:
+        _SLOTS.append(mmap.mmap(fd, size))
+        os.close(fd)
     inbox, outbox = Connection(rfd, writable=False), Connection(wfd, readable=False)
     outbox.send(("ready", None))
     jobs: dict[str, Callable[..., Any]] = {"seal": _seal_stripes, "open": _open_stripes}
@@ -170,17 +169,20 @@ class SegmentPool:
                 return True
             if self._broken:
                 return False
-            paths: list[str] = []
+            fds: list[int] = []
             try:
                 for _ in range(self._slot_count):
+                    # Unlinked at once: the slots live only as long as the processes holding
+                    # them, so nothing is left in /dev/shm even if this process is killed.
                     fd, path = tempfile.mkstemp(prefix="dgpt-slot-", dir=_arena_dir())
-                    paths.append(path)
+                    os.unlink(path)
+                    fds.append(fd)
                     os.ftruncate(fd, self.slot_bytes)
                     self._maps.append(mmap.mmap(fd, self.slot_bytes))
-                    os.close(fd)
                 # Plain subprocesses, not multiprocessing: nothing re-imports the caller's
-                # __main__, so scripts without a main guard (and Ray workers) are safe.
-                self._workers = [_Worker.start(paths, self.slot_bytes) for _ in range(self.workers)]
+                # __main__, so scripts without a main guard (and Ray workers) are safe. The
+                # slots reach them as inherited file descriptors.
+                self._workers = [_Worker.start(fds, self.slot_bytes) for _ in range(self.workers)]
                 for w in self._workers:
                     w.wait_ready()
                 self._pid = os.getpid()
@@ -195,10 +197,8 @@ class SegmentPool:
                 self._maps.clear()
                 return False
             finally:
-                # Every worker has mapped the slots (or failed): unlink them now, so nothing
-                # is left behind in /dev/shm even if this process is killed.
-                for path in paths:
-                    Path(path).unlink(missing_ok=True)
+                for fd in fds:
+                    os.close(fd)
             self._available = list(range(self._slot_count))
             for _ in range(self._slot_count):
                 self._free.release()
@@ -330,16 +330,18 @@ class _Worker:
         self.lock = threading.Lock()
 
     @classmethod
-    def start(cls, paths: list[str], slot_bytes: int) -> _Worker:
+    def start(cls, slot_fds: list[int], slot_bytes: int) -> _Worker:
         from multiprocessing.connection import Connection
 
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        argv = [sys.executable, "-m", "dgpt.storage.pool", str(to_child_r), str(from_child_w), str(slot_bytes), *paths]
-        proc = subprocess.Popen(argv, pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL,
-                                start_new_session=False)
-        os.close(to_child_r)
-        os.close(from_child_w)
+        argv = [sys.executable, "-m", "dgpt.storage.pool", str(to_child_r), str(from_child_w), str(slot_bytes),
+                *map(str, slot_fds)]
+        try:
+            proc = subprocess.Popen(argv, pass_fds=(to_child_r, from_child_w, *slot_fds), stdin=subprocess.DEVNULL)
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
         return cls(proc, Connection(from_child_r, writable=False), Connection(to_child_w, readable=False))
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
