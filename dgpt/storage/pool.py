@@ -3,7 +3,8 @@
 Erasure coding (pyeclib) and BLAKE3 hold the GIL, so threads cannot spread them over cores.
 :class:`SegmentPool` starts ``workers`` processes once and a few fixed *slots* of shared
 memory (files in ``/dev/shm``, unlinked as soon as they are created and handed to the
-workers as open file descriptors, so nothing is left behind even if the client is killed). A segment's stripes are split between the workers:
+workers as open file descriptors, so nothing is left behind even if the client is killed).
+A segment's stripes are split between the workers:
 
 - **seal**: the parent copies the plaintext into a slot; each worker encrypts and encodes
   its stripes, writes the fragments straight into the pieces' places in the slot, and
