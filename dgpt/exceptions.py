@@ -14,6 +14,13 @@
      +-- PlacementError          the placement policy cannot place the request
      |    +-- InsufficientCapacity
      +-- ServeError              deploying or querying a Serve application failed
+     +-- StorageError            the storage tier cannot do what was asked
+          +-- NotEnoughDonors     too few eligible donors (distinct owners, free space)
+          +-- PieceCorrupt        a piece failed its hash (Merkle) check
+          +-- DataUnavailable     fewer than k verified pieces of a segment could be read
+          +-- StoreFull           a donor's piece store is at its capacity cap
+          +-- PieceServerUnreachable  a donor's piece server did not answer
+          +-- WriteConflict       the path is taken, or a write was already committed/aborted
 """
 
 from __future__ import annotations
@@ -94,3 +101,31 @@ class InsufficientCapacity(PlacementError):
 
 class ServeError(DgptError):
     """Deploying or querying a Ray Serve application failed."""
+
+
+class StorageError(DgptError):
+    """The storage tier cannot do what was asked."""
+
+
+class NotEnoughDonors(StorageError):
+    """Too few eligible donors (distinct donors and owners, with free space) for a profile."""
+
+
+class PieceCorrupt(StorageError):
+    """A piece (or one leaf of it) does not match its BLAKE3 Merkle id."""
+
+
+class DataUnavailable(StorageError):
+    """Fewer than k verified pieces of a segment could be fetched: the data cannot be read now."""
+
+
+class StoreFull(StorageError):
+    """A donor's piece store would exceed its capacity cap (``--disk-gb``)."""
+
+
+class WriteConflict(StorageError):
+    """The path already exists, or the write was already committed, aborted or expired."""
+
+
+class PieceServerUnreachable(StorageError):
+    """A donor's piece server did not answer (offline, crashed, or the network is down)."""
