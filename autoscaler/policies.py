@@ -28,6 +28,7 @@ import numpy as np
 
 from autoscaler.context import AutoscalerContext
 from autoscaler.decisions import ActivateDonor, AutoscalerDecision, DrainDonor
+from dgpt import contract
 from dgpt.contract import selector_matches
 from dgpt.fleet import DonorTable, FleetDonor
 from dgpt.reliability.score import donor_score
@@ -36,6 +37,10 @@ from dgpt.resources import EPS, SPREAD_STRATEGIES, Resources
 #: Cost of spending a GPU donor on CPU-only demand (in the donor score's log units): only
 #: when no CPU donor fits, since GPU donors are rarer (BOINC: ~0.8 GPU per CPU host, most weak).
 _GPU_WASTE = 2.0
+#: Worth of a donor whose owner has no donor in the cluster yet: a new failure domain. Large
+#: enough to outweigh reliability and speed differences, so replicas that must not share a
+#: node (Serve's max_replicas_per_node) spread over owners, not onto one owner's machines.
+_NEW_OWNER = 5.0
 
 
 @dataclass(frozen=True)
@@ -60,19 +65,32 @@ class _Bin:
     memory_bytes: float
     labels: Mapping[str, str]
     touched: bool = False
+    # The `donor` resource: one per donor node (a standby donor's is free).
+    donors: float = 1.0
+    # Shares taken of Ray's implicit per-node resources (Serve's max_replicas_per_node).
+    # A running donor's are unknown (Ray does not report them), so `fresh` is False for
+    # it: a request that carries one is pending only because no running donor could take it.
+    per_node: dict[str, float] = field(default_factory=dict)
+    fresh: bool = False
 
     @classmethod
-    def of(cls, donor_id: str, room: Resources, labels: Mapping[str, str]) -> _Bin:
-        return cls(donor_id, room.cpus, room.gpus, room.memory_bytes, labels)
+    def of(cls, donor_id: str, room: Resources, labels: Mapping[str, str], fresh: bool = False) -> _Bin:
+        return cls(donor_id, room.cpus, room.gpus, room.memory_bytes, labels, donors=room.donors, fresh=fresh)
 
     def count_fits(self, shape: Resources, limit: int) -> int:
         if shape.label_selector and not selector_matches(shape.label_selector, self.labels):
             return 0
         n = limit
+        if shape.per_node_key:
+            if not self.fresh:
+                return 0
+            left = 1.0 - self.per_node.get(shape.per_node_key, 0.0)
+            n = min(n, int((left + EPS) // shape.per_node_share))
         for need, have in (
             (shape.cpus, self.cpus),
             (shape.gpus, self.gpus),
             (shape.memory_bytes, self.memory_bytes),
+            (shape.donors, self.donors),
         ):
             if need > 0:
                 n = min(n, int((have + EPS) // need))
@@ -82,6 +100,9 @@ class _Bin:
         self.cpus -= shape.cpus * n
         self.gpus -= shape.gpus * n
         self.memory_bytes -= shape.memory_bytes * n
+        self.donors -= shape.donors * n
+        if shape.per_node_key:
+            self.per_node[shape.per_node_key] = self.per_node.get(shape.per_node_key, 0.0) + shape.per_node_share * n
         self.touched = self.touched or n > 0
 
 
@@ -95,8 +116,9 @@ class _Need:
     used: set[str] = field(default_factory=set)
 
 
-def _shape_key(shape: Resources) -> tuple[float, float, float, tuple[tuple[str, str], ...]]:
-    return (shape.cpus, shape.gpus, shape.memory_bytes, tuple(sorted(shape.label_selector.items())))
+def _shape_key(shape: Resources) -> tuple[float, float, float, tuple[tuple[str, str], ...], str, float]:
+    return (shape.cpus, shape.gpus, shape.memory_bytes, tuple(sorted(shape.label_selector.items())),
+            shape.per_node_key, shape.per_node_share)
 
 
 def _reserve_constraints(
@@ -112,7 +134,8 @@ def _reserve_constraints(
         for donor_id, r in room.items():
             if c.fits_in(r):
                 room[donor_id] = r.minus(c)
-                taken[donor_id] = taken.get(donor_id, Resources()).plus(Resources(c.cpus, c.gpus, c.memory_bytes))
+                taken[donor_id] = taken.get(donor_id, Resources()).plus(
+                    Resources(c.cpus, c.gpus, c.memory_bytes, donors=c.donors))
                 break
         else:
             missing.append(c)
@@ -123,7 +146,7 @@ def _reserve_constraints(
 
 def _demand(pending: Sequence[Resources], ctx: AutoscalerContext) -> list[_Need]:
     """Pending demand as needs, biggest first (GPU, then CPU, then memory: first-fit decreasing)."""
-    plain: dict[tuple[float, float, float, tuple[tuple[str, str], ...]], _Need] = {}
+    plain: dict[tuple[float, float, float, tuple[tuple[str, str], ...], str, float], _Need] = {}
 
     def add(shape: Resources, n: int = 1) -> None:
         if shape.empty:
@@ -177,10 +200,12 @@ def _fit_onto(needs: Sequence[_Need], bins: Sequence[_Bin]) -> None:
 class _Standby:
     """The standby table's donors ranked by the donor score, for picking the best fit fast."""
 
-    def __init__(self, table: DonorTable, now_s: float, horizon_s: float) -> None:
+    def __init__(self, table: DonorTable, now_s: float, horizon_s: float, owners_in: Iterable[str] = ()) -> None:
         self.table = table
         self.value = donor_score(table.shape, table.scale_s, now_s - table.start_s, horizon_s, table.gflops)
         self.free = np.ones(len(table), dtype=bool)
+        codes = [table.owner_index[o] for o in owners_in if o in table.owner_index]
+        self.owner_in = np.isin(table.owner_codes, np.array(codes, dtype=np.int64))
 
     def best_for(self, shape: Resources | None) -> int | None:
         """Index of the most valuable free donor that fits ``shape`` (any donor when None)."""
@@ -189,26 +214,32 @@ class _Standby:
         score = self.value.copy()
         if shape is not None:
             mask &= (t.cpu_total + EPS >= shape.cpus) & (t.mem_total + EPS >= shape.memory_bytes)
+            mask &= shape.donors <= 1.0 + EPS  # a donor has one `donor` resource
             if shape.gpus > 0:
                 mask &= t.gpu_total + EPS >= shape.gpus
             else:
                 score -= _GPU_WASTE * (t.gpu_total > 0)
-            if shape.label_selector:
+            # Every standby donor is a donor: that condition (Serve replicas carry it) costs no scan.
+            selector = {k: v for k, v in shape.label_selector.items()
+                        if (k, v) != (contract.LABEL_ROLE, contract.ROLE_DONOR)}
+            if selector:
                 for pos in np.flatnonzero(mask):
-                    if not selector_matches(shape.label_selector, t.labels[int(pos)]):
+                    if not selector_matches(selector, t.labels[int(pos)]):
                         mask[pos] = False
         else:
             score -= _GPU_WASTE * (t.gpu_total > 0)
         if not mask.any():
             return None
+        score = score + _NEW_OWNER * ~self.owner_in
         best = int(np.argmax(np.where(mask, score, -np.inf)))
         self.free[best] = False
+        self.owner_in |= t.owner_codes == t.owner_codes[best]
         return best
 
     def bin(self, i: int) -> _Bin:
         t = self.table
         return _Bin(str(t.donor_ids[i]), float(t.cpu_total[i]), float(t.gpu_total[i]), float(t.mem_total[i]),
-                    t.labels[i])
+                    t.labels[i], fresh=True)
 
 
 def _hedge_cpus(
@@ -245,7 +276,7 @@ def default_policy(
     unfit, active = _reserve_constraints(ctx.demand.constraints, fleet.active)
     live = [n for n in active if not n.draining]
     bins = [_Bin.of(n.donor_id, n.free, n.labels) for n in live] + [
-        _Bin.of(d.donor_id, d.caps, d.labels) for d in fleet.activating
+        _Bin.of(d.donor_id, d.caps, d.labels, fresh=True) for d in fleet.activating
     ]
     needs = _demand(list(ctx.demand.pending) + unfit, ctx)
     _fit_onto(needs, bins)
@@ -254,7 +285,8 @@ def default_policy(
     size = len(live) + len(fleet.activating)
     room = min(b.max_active - size, b.max_activations_per_tick)
     cooling = now - state.last_scale_up_s < b.scale_up_cooldown_s
-    standby = _Standby(fleet.standby, now, b.reliability_horizon_s) if len(fleet.standby) else None
+    owners_in = {d.owner for d in live} | {d.owner for d in fleet.activating}
+    standby = _Standby(fleet.standby, now, b.reliability_horizon_s, owners_in) if len(fleet.standby) else None
     new_bins: list[_Bin] = []
 
     def activate(i: int, reason: str) -> _Bin:

@@ -4,13 +4,22 @@
 
 Side by side in one run, on this machine:
 
-- **dgpt**: `dgpt up --donors 2 --min-active 0` (every donor in standby, each its own agent);
-  a driver starts one 1-CPU actor per step; dgpt's autoscaler activates a standby donor, whose agent
-  starts its raylet, and the task runs there.
-- **Ray**: Ray's own autoscaler (v2, its default 5 s update interval) with the fake
-  multi-node provider, which starts local 1-CPU raylets (`ray.cluster_utils.
-  AutoscalingCluster` does this, but calls `ray stop`, which would kill every Ray process on
-  the host; this benchmark starts and stops its cluster by pid instead). Same task.
+- **dgpt**: `dgpt up --donors N --min-active 0` (every donor in standby, each its own agent,
+  long-polling the head); a driver starts one 1-CPU actor per step; dgpt's autoscaler
+  activates a standby donor, the head answers its held heartbeat at once, its agent starts
+  its raylet (a warm `ray start`, Ray already imported), and the actor runs there.
+- **Ray**: Ray's own autoscaler (v2) with the fake multi-node provider, which starts local
+  1-CPU raylets (`ray.cluster_utils.AutoscalingCluster` does this, but calls `ray stop`,
+  which would kill every Ray process on the host; this benchmark starts and stops its
+  cluster by pid instead). Same actor.
+
+Three pairings, each side with the same information (Ray's pending demand):
+- defaults: dgpt's autoscaler loop (1 s) against Ray's (5 s);
+- equal at 1 s: Ray's loop set to dgpt's (AUTOSCALER_UPDATE_INTERVAL_S=1);
+- equal at 5 s: dgpt's loop set to Ray's (DGPT_AUTOSCALER_INTERVAL_S=5);
+- equal at 1 s, unprotected: as "equal at 1 s", but dgpt's donors without their cgroup caps
+  and sandbox (DGPT_ENFORCE_CAPS=off, DGPT_SANDBOX=off), as the baseline's raylets run: a
+  donor capped at one CPU starts its raylet and first worker on that one CPU.
 
 Each step starts one more 1-CPU actor while every node is busy, and measures submit -> its
 first method running on the new node. Writes ``benchmarks/results/autoscaler_reaction.json``.
@@ -36,8 +45,9 @@ from typing import Any
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "autoscaler_reaction.json"
-# dgpt's heartbeat interval in this run: activation reaches a donor on its next heartbeat.
-DGPT_HEARTBEAT_S = 1.0
+# Ray's autoscaler loop by default (AUTOSCALER_UPDATE_INTERVAL_S), and dgpt's (DGPT_AUTOSCALER_INTERVAL_S).
+RAY_DEFAULT_INTERVAL_S = 5.0
+DGPT_DEFAULT_INTERVAL_S = 1.0
 # Long enough that neither side scales down during the run.
 IDLE_S = 600.0
 
@@ -66,15 +76,17 @@ def _step(trials: int, nodes_alive: Any) -> list[float]:
     return out
 
 
-def run_dgpt(trials: int) -> dict[str, Any]:
+def run_dgpt(trials: int, interval_s: float, protected: bool = True) -> dict[str, Any]:
     from dgpt.head import fabric
     from dgpt.head.paths import head_paths
     from dgpt.head.process import shell_env
     from dgpt.sdk.client import Client
 
     home = Path(tempfile.mkdtemp(prefix="dgpt-bench-as-"))
-    settings = fabric.private_settings(home, heartbeat_interval_s=DGPT_HEARTBEAT_S, idle_timeout_s=IDLE_S,
-                                       drain_deadline_s=10.0, monitor_interval_s=1.0)
+    # dgpt's defaults (5 s heartbeats; standby donors long-poll) but the loop under test.
+    protection = {} if protected else {"enforce_caps": "off", "sandbox": "off"}
+    settings = fabric.private_settings(home, autoscaler_interval_s=interval_s, idle_timeout_s=IDLE_S,
+                                       drain_deadline_s=10.0, monitor_interval_s=1.0, **protection)
     try:
         # One CPU per donor, like the baseline's workers: each step needs one more node.
         specs = [fabric.DonorSpec(f"donor-{i + 1}", "desktop", f"owner-{i + 1}", 1.0, 1.0) for i in range(trials)]
@@ -92,8 +104,9 @@ def run_dgpt(trials: int) -> dict[str, Any]:
         ray.init(address=env["RAY_ADDRESS"], logging_level="ERROR", _node_ip_address="127.0.0.1")
         reactions = _step(trials, active)
         ray.shutdown()
-        return {"reaction_s": reactions, "heartbeat_interval_s": DGPT_HEARTBEAT_S,
-                "autoscaler_interval_s": settings.autoscaler_interval_s}
+        return {"reaction_s": reactions, "heartbeat_interval_s": settings.heartbeat_interval_s,
+                "autoscaler_interval_s": settings.autoscaler_interval_s, "warm_start": True,
+                "enforce_caps": settings.enforce_caps, "sandbox": settings.sandbox}
     finally:
         fabric.down(settings)
 
@@ -144,7 +157,7 @@ def _stop_cluster(marker: str) -> None:
         stop_tree(p.pid, grace_s=10)
 
 
-def run_ray(trials: int) -> dict[str, Any]:
+def run_ray(trials: int, interval_s: float) -> dict[str, Any]:
     from dgpt.processes import free_port
 
     port = free_port()
@@ -154,7 +167,7 @@ def run_ray(trials: int) -> dict[str, Any]:
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_AUTH_TOKEN_PATH", None)
-    env.pop("AUTOSCALER_UPDATE_INTERVAL_S", None)  # Ray's default loop: 5 s
+    env["AUTOSCALER_UPDATE_INTERVAL_S"] = f"{interval_s:g}"
     env.update({"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
                 "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID})
     os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
@@ -176,7 +189,7 @@ def run_ray(trials: int) -> dict[str, Any]:
 
         reactions = _step(trials, workers)
         ray.shutdown()
-        return {"reaction_s": reactions, "autoscaler": "v2", "autoscaler_update_interval_s": 5.0}
+        return {"reaction_s": reactions, "autoscaler": "v2", "autoscaler_update_interval_s": interval_s}
     finally:
         _stop_cluster(str(temp))
 
@@ -186,44 +199,70 @@ def _summary(values: list[float]) -> dict[str, float]:
             "min_s": min(values), "max_s": max(values)}
 
 
+#: (name, dgpt's loop, Ray's loop, dgpt's donors protected): what each pairing compares.
+PAIRINGS = (
+    ("defaults", DGPT_DEFAULT_INTERVAL_S, RAY_DEFAULT_INTERVAL_S, True),
+    ("equal_1s", DGPT_DEFAULT_INTERVAL_S, DGPT_DEFAULT_INTERVAL_S, True),
+    ("equal_5s", RAY_DEFAULT_INTERVAL_S, RAY_DEFAULT_INTERVAL_S, True),
+    ("equal_1s_unprotected", DGPT_DEFAULT_INTERVAL_S, DGPT_DEFAULT_INTERVAL_S, False),
+)
+
+
+def _run_side(side: str, trials: int, interval_s: float, protected: bool = True) -> dict[str, Any]:
+    what = "" if protected else ", donors unprotected"
+    print(f"{side} (loop {interval_s:g} s{what}): {trials} demand steps", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.autoscaler_reaction", "--side", side,
+                           "--trials", str(trials), "--interval", str(interval_s),
+                           *(() if protected else ("--unprotected",))], cwd=REPO_ROOT,
+                          stdout=subprocess.PIPE, text=True, timeout=1800)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"the {side} side failed (exit {proc.returncode}); see the output above")
+    out: dict[str, Any] = json.loads(line[len("RESULT "):])
+    out.update(_summary(out["reaction_s"]))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=5, help="demand steps per side (default 5)")
-    parser.add_argument("--quick", action="store_true", help="3 trials per side")
+    parser.add_argument("--quick", action="store_true", help="3 trials per side, the defaults pairing only")
     parser.add_argument("--side", choices=("dgpt", "ray"), help=argparse.SUPPRESS)
+    parser.add_argument("--interval", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--unprotected", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     trials = 3 if args.quick else args.trials
     if trials < 1:
         parser.error("--trials must be >= 1")
     if args.side:
-        result = run_dgpt(trials) if args.side == "dgpt" else run_ray(trials)
+        interval = args.interval or (DGPT_DEFAULT_INTERVAL_S if args.side == "dgpt" else RAY_DEFAULT_INTERVAL_S)
+        result = run_dgpt(trials, interval, not args.unprotected) if args.side == "dgpt" else run_ray(trials, interval)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    sides: dict[str, Any] = {}
-    for side in ("dgpt", "ray"):
-        print(f"{side}: {trials} demand steps", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.autoscaler_reaction", "--side", side,
-                               "--trials", str(trials)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
-                              timeout=1800)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            sys.exit(f"the {side} side failed (exit {proc.returncode}); see the output above")
-        sides[side] = json.loads(line[len("RESULT "):])
-        sides[side].update(_summary(sides[side]["reaction_s"]))
+    runs: dict[tuple[str, float, bool], dict[str, Any]] = {}
+    pairings: dict[str, Any] = {}
+    for name, dgpt_loop, ray_loop, protected in PAIRINGS[:1] if args.quick else PAIRINGS:
+        for side, loop, prot in (("dgpt", dgpt_loop, protected), ("ray", ray_loop, True)):
+            if (side, loop, prot) not in runs:
+                runs[(side, loop, prot)] = _run_side(side, trials, loop, prot)
+        d, r = runs[("dgpt", dgpt_loop, protected)], runs[("ray", ray_loop, True)]
+        pairings[name] = {"dgpt_loop_s": dgpt_loop, "ray_loop_s": ray_loop, "dgpt_donors_protected": protected,
+                          "dgpt_median_s": d["median_s"], "ray_median_s": r["median_s"],
+                          "ratio_median": round(d["median_s"] / r["median_s"], 3)}
     result = {
         "benchmark": "autoscaler_reaction",
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trials": trials,
         "what": "seconds from starting a 1-CPU actor with no node free to its first method running on a new node",
-        "dgpt": sides["dgpt"],
-        "ray_autoscaler": sides["ray"],
-        "ratio_median": round(sides["dgpt"]["median_s"] / sides["ray"]["median_s"], 3),
-        "target": "<= 0.5",
+        "runs": {f"{side}@{loop:g}s" + ("" if prot else "-unprotected"): v for (side, loop, prot), v in runs.items()},
+        "pairings": pairings,
+        "target": "ratio <= 0.5 at equal loop intervals",
+        "target_met": {k: v["ratio_median"] <= 0.5 for k, v in pairings.items() if k.startswith("equal")},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("dgpt", "ray_autoscaler", "ratio_median")}, indent=2))
+    print(json.dumps(pairings, indent=2))
     print(f"wrote {RESULTS}")
 
 

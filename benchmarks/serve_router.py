@@ -14,7 +14,8 @@ noisy machine drifts the same for both.
    on purpose; the delay holds no CPU); p99 latency.
 4. drain: ``deployments/digits.yaml`` under steady load; `dgpt donor pause` of a donor that
    holds a replica; every request is counted.
-5. kill: SIGKILL of the raylet of a donor that holds a replica, under load; failed requests,
+5. kill: SIGKILL of a whole donor that holds a replica (agent, raylet, workers at once, as a
+   power cut), under load; failed requests (and whether each was in flight at the kill),
    the time until a request succeeds again, and the time until the app is back at full
    capacity (a replacement replica RUNNING on a live donor).
 
@@ -249,23 +250,24 @@ def drain_step(settings: Any, bodies: list[dict[str, Any]], labels: list[int], c
 
 def kill_step(settings: Any, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
     from dgpt.donor.agent import find_state_dir, state_files
-    from dgpt.processes import read_json, tree
+    from dgpt.processes import kill_at_once, read_json, tree
     from dgpt.serve.loadgen import LoadLoop, summarize
 
     victim, node = _replica_donor(settings, "digits")
     agent_pid = int((read_json(state_files(find_state_dir(settings.home, victim))["pid"]) or {})["pid"])
-    raylets = [p for p in tree(agent_pid) if p.name() == "raylet"]
-    if len(raylets) != 1:
-        raise RuntimeError(f"expected one raylet under {victim}'s agent, found {len(raylets)}")
+    procs = tree(agent_pid)  # the agent, `ray start`, the raylet and every worker
+    if not [p for p in procs if p.name() == "raylet"]:
+        raise RuntimeError(f"no raylet under {victim}'s agent (pid {agent_pid})")
     loop = LoadLoop(f"{settings.serve_url}/digits/predict", bodies, concurrency=concurrency,
                     timeout_s=60).start()
     started = time.monotonic()
     try:
         _wait(lambda: loop.count() >= 100, 60, "load before the kill")
-        raylets[0].kill()
         killed_at = time.monotonic()
-        psutil.wait_procs(raylets, timeout=10)
-        _say(f"  SIGKILLed {victim}'s raylet (pid {raylets[0].pid})")
+        kill_at_once(procs)  # all at once, as a power cut
+        killed_done = time.monotonic()
+        psutil.wait_procs(procs, timeout=10)
+        _say(f"  SIGKILLed all {len(procs)} processes of {victim} (agent pid {agent_pid})")
         _wait(lambda: any(s.ok and s.started_s > killed_at for s in loop.snapshot()), 120,
               "a successful request after the kill")
         answered_s = time.monotonic() - killed_at
@@ -277,9 +279,11 @@ def kill_step(settings: Any, bodies: list[dict[str, Any]], concurrency: int) -> 
         samples = loop.stop()
     fig = summarize(samples, time.monotonic() - started)
     failed = [s for s in samples if not s.ok]
-    in_flight = [s for s in samples if s.started_s <= killed_at <= s.started_s + s.latency_s]
-    return {"donor": victim, "requests": fig["requests"], "failed_requests": fig["failed_requests"],
+    in_flight = [s for s in samples if s.started_s <= killed_done and s.started_s + s.latency_s >= killed_at]
+    return {"donor": victim, "how": "SIGKILL of the whole donor (agent, raylet, workers) at once",
+            "processes_killed": len(procs), "requests": fig["requests"], "failed_requests": fig["failed_requests"],
             "in_flight_at_kill": len(in_flight),
+            "failed_not_in_flight": sum(1 for s in failed if s not in in_flight),
             "failed_after_recovery": sum(1 for s in failed if s.started_s > killed_at + recovery_s),
             "answered_again_s": round(answered_s, 2), "recovery_s": round(recovery_s, 2),
             "errors": sorted({s.error or str(s.status) for s in failed})[:5]}
@@ -351,7 +355,7 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
 
         _wait(lambda: len(_donor_nodes(settings)) == 3, 240, "the paused donor back")
         _wait(lambda: _app_healthy(settings, "digits", 2), 240, "digits with two replicas")
-        _say("kill: SIGKILL of a donor's raylet under load")
+        _say("kill: SIGKILL of a whole donor under load")
         result["kill"] = kill_step(settings, bodies, LATENCY_CONCURRENCY)
         _say(f"  kill: {result['kill']['failed_requests']} of {result['kill']['requests']} failed; "
              f"answering again after {result['kill']['answered_again_s']}s, full capacity after "

@@ -107,6 +107,13 @@ class LeaveReason(str, enum.Enum):
     OPERATOR = "operator"  # an operator drained it through the API
 
 
+class PausedBy(str, enum.Enum):
+    """Who paused a donor on the head (``POST /donors/{id}/pause``): it stays out of Ray until resumed."""
+
+    DONOR = "donor"  # its owner, with the donor secret (the donor page)
+    OPERATOR = "operator"  # an operator, with an API key
+
+
 #: End reasons that are dgpt's own choice, not the donor leaving: reliability counts such
 #: sessions as censored (the donor lasted at least that long), not as departures.
 NOT_DEPARTURES = frozenset({LeaveReason.AUTOSCALER.value, LeaveReason.SHUTDOWN.value})

@@ -10,17 +10,23 @@
      |    +-- Conflict           409: the request clashes with current state
      +-- FabricError             starting or stopping a head or local fabric failed
      +-- DonorError              the donor agent cannot do what was asked
+     |    +-- ProtectionUnavailable  a cap or the sandbox cannot be enforced on this machine
      +-- RayAdapterError         a call into Ray's private API failed
      +-- PlacementError          the placement policy cannot place the request
      |    +-- InsufficientCapacity
      +-- ServeError              deploying or querying a Serve application failed
      +-- StorageError            the storage tier cannot do what was asked
-          +-- NotEnoughDonors     too few eligible donors (distinct owners, free space)
-          +-- PieceCorrupt        a piece failed its hash (Merkle) check
-          +-- DataUnavailable     fewer than k verified pieces of a segment could be read
-          +-- StoreFull           a donor's piece store is at its capacity cap
-          +-- PieceServerUnreachable  a donor's piece server did not answer
-          +-- WriteConflict       the path is taken, or a write was already committed/aborted
+     |    +-- NotEnoughDonors     too few eligible donors (distinct owners, free space)
+     |    +-- PieceCorrupt        a piece failed its hash (Merkle) check
+     |    +-- DataUnavailable     fewer than k verified pieces of a segment could be read
+     |    +-- StoreFull           a donor's piece store is at its capacity cap
+     |    +-- PieceServerUnreachable  a donor's piece server did not answer
+     |    +-- WriteConflict       the path is taken, or a write was already committed/aborted
+     +-- TrainError              a training job cannot be planned, stored or resumed
+     |    +-- CheckpointCorrupt  a checkpoint folder is incomplete or does not match its manifest
+     |    +-- CheckpointStoreError  checkpoint storage refused an operation (bad path, missing file)
+     +-- OverlayError            setting up or using the WireGuard overlay failed
+     +-- VerificationError       a verified task could not be checked (too few owners, no trusted node)
 """
 
 from __future__ import annotations
@@ -87,6 +93,10 @@ class DonorError(DgptError):
     """The donor agent cannot do what was asked."""
 
 
+class ProtectionUnavailable(DonorError):
+    """The kernel cannot enforce a cap (cgroup) or isolate the work (sandbox) on this machine."""
+
+
 class RayAdapterError(DgptError):
     """A call into Ray's private API (GCS client, DrainNode) failed."""
 
@@ -129,3 +139,23 @@ class WriteConflict(StorageError):
 
 class PieceServerUnreachable(StorageError):
     """A donor's piece server did not answer (offline, crashed, or the network is down)."""
+
+
+class TrainError(DgptError):
+    """A training job cannot be planned, stored or resumed as asked."""
+
+
+class CheckpointCorrupt(TrainError):
+    """A checkpoint folder has no valid manifest, or its files do not match it."""
+
+
+class CheckpointStoreError(TrainError):
+    """Checkpoint storage refused an operation: a path outside its root, a missing file."""
+
+
+class OverlayError(DgptError):
+    """Setting up or using the WireGuard overlay (``dgpt.overlay``) failed."""
+
+
+class VerificationError(DgptError):
+    """A verified task (``dgpt.verify``) could not be run or checked as asked."""

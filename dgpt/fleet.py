@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from dgpt import contract
 from dgpt.reliability.model import WeibullParams, prior_for
-from dgpt.reliability.score import REFERENCE_GFLOPS
+from dgpt.reliability.score import REFERENCE_GFLOPS, donor_score
 from dgpt.resources import Resources
 
 FloatArray = npt.NDArray[np.float64]
@@ -39,6 +39,7 @@ class FleetDonor:
     (``None`` while it is not in the cluster). ``since_s`` is when its current session began
     (active) or when its current availability began (standby), on the view's clock;
     ``idle_s`` how long Ray has seen its node idle; ``load`` the node's busy CPU share, 0..1.
+    ``relayed``: Ray reaches it only through the head's overlay relay (low bandwidth).
     """
 
     donor_id: str
@@ -54,6 +55,7 @@ class FleetDonor:
     idle_s: float = 0.0
     load: float = 0.0
     draining: bool = False
+    relayed: bool = False
 
     @property
     def params(self) -> WeibullParams:
@@ -99,6 +101,7 @@ class DonorTable:
     that may take new work (not the head, not draining); ``gpu_usable`` the subset with
     GPUs. ``owner_index`` maps an owner's name to its ``owner_codes`` value. A simulator
     may own a table and update its arrays between decisions; policies never write to it.
+    ``relayed`` is 1.0 for donors Ray reaches only through the head's relay, else 0.0.
     """
 
     node_ids: Sequence[str]
@@ -119,6 +122,8 @@ class DonorTable:
     gpu_usable: IntArray
     labels: Sequence[Mapping[str, str]] = ()
     owner_index: Mapping[str, int] = field(default_factory=dict)
+    owner_names: Sequence[str] = ()  # owner code -> name (the inverse of owner_index)
+    relayed: FloatArray | None = None
 
     def __len__(self) -> int:
         return len(self.donor_ids)
@@ -168,6 +173,8 @@ def build_table(donors: Sequence[FleetDonor]) -> DonorTable:
         gpu_usable=usable[gpu_total[usable] > 0],
         labels=[dict(d.labels) for d in donors],
         owner_index=owners,
+        owner_names=list(owners),
+        relayed=col([float(d.relayed) for d in donors]),
     )
 
 
@@ -187,12 +194,16 @@ class FleetView:
     active: tuple[FleetDonor, ...] = ()
     activating: tuple[FleetDonor, ...] = ()
     standby: DonorTable = EMPTY_TABLE
+    # Owners with a fresh standby donor and none in the cluster, best first (a few): where a
+    # replica that must not share an owner can go once the autoscaler activates it.
+    spare_owners: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.now_s):
             raise ValueError(f"now_s must be finite, got {self.now_s!r}")
         object.__setattr__(self, "active", tuple(self.active))
         object.__setattr__(self, "activating", tuple(self.activating))
+        object.__setattr__(self, "spare_owners", tuple(self.spare_owners))
 
     @cached_property
     def table(self) -> DonorTable:
@@ -201,4 +212,22 @@ class FleetView:
 
     def with_standby(self, donors: Sequence[FleetDonor]) -> FleetView:
         """This view with ``donors`` as its standby table (tests, the simulator)."""
-        return FleetView(self.now_s, self.active, self.activating, build_table(donors))
+        return FleetView(self.now_s, self.active, self.activating, build_table(donors), self.spare_owners)
+
+    def best_spare_owners(self, limit: int = 32) -> tuple[str, ...]:
+        """Owners of standby donors with no donor active or activating, best donor first."""
+        t = self.standby
+        if not len(t):
+            return ()
+        busy = {d.owner for d in self.active} | {d.owner for d in self.activating}
+        value = donor_score(t.shape, t.scale_s, self.now_s - t.start_s, 3600.0, t.gflops)
+        # The best few hundred are plenty to find ``limit`` free owners among.
+        top = np.argpartition(-value, min(len(value) - 1, 16 * limit))[: 16 * limit + 1]
+        out: list[str] = []
+        for i in top[np.argsort(-value[top], kind="stable")]:
+            owner = t.owner_names[int(t.owner_codes[i])]
+            if owner not in busy and owner not in out:
+                out.append(owner)
+                if len(out) == limit:
+                    break
+        return tuple(out)

@@ -6,6 +6,7 @@ pid of each process it starts and stops exactly that process and its descendants
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -80,6 +81,19 @@ def tree(pid: int) -> list[psutil.Process]:
         return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+
+
+def kill_at_once(procs: Iterable[psutil.Process]) -> None:
+    """Kill ``procs`` the way a power cut does: all frozen first (SIGSTOP), then SIGKILLed,
+    so none can react to another's death (a parent-death signal that starts a graceful
+    shutdown, an agent that notices its raylet go). Processes gone already are skipped."""
+    procs = list(procs)
+    for op in ("suspend", "kill"):
+        for proc in procs:
+            try:
+                getattr(proc, op)()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def stop_tree(pid: int, grace_s: float = 30.0, sig: int = signal.SIGTERM) -> list[int]:
@@ -208,3 +222,18 @@ def write_secret(path: Path, value: str) -> None:
     fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value)
+
+
+# Looked up once, at import: a forked child may not import or dlopen (another thread may have
+# held the import lock or malloc's at the fork; the child would hang before exec, and the
+# parent's Popen with it).
+_PR_SET_PDEATHSIG = 1
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child that must not outlive this process: SIGTERM when it dies.
+
+    Runs in the forked child before exec, so it makes one foreign call and nothing else.
+    """
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

@@ -40,6 +40,12 @@ class NodePorts:
             out.append(f"--ray-client-server-port={p['Ray client server']}")
         return out
 
+    def head_env(self) -> dict[str, str]:
+        """Environment of the head's `ray start`: Ray reads these two ports from it, not flags."""
+        p = node_ports(self.base)
+        return {"AUTOSCALER_METRIC_PORT": str(p["autoscaler metrics"]),
+                "DASHBOARD_METRIC_PORT": str(p["dashboard metrics"])}
+
     @property
     def reachable_ports(self) -> tuple[int, int]:
         """The two ports every other node dials on this one (node manager, object manager)."""

@@ -2,8 +2,9 @@
 
 Steps: `dgpt up` with donors of different classes; `ray job submit` of a plain Ray program
 (``dgpt.cli.demo_job``) whose tasks train on every donor; one donor paused mid-job (its owner
-"comes back"), drained through DrainNode; the job completes on the others; a summary table;
-`dgpt down`. Everything the demo started is stopped, even on Ctrl-C or an error.
+"comes back"), drained through DrainNode; the job completes on the others; inference on
+donors; a Ray Data pipeline over the donors' storage tier (``dgpt.cli.demo_storage``); a
+summary table; `dgpt down`. Everything the demo started is stopped, even on Ctrl-C or an error.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def demo_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={
         "home": settings.home / "demo", "node_ip": settings.node_ip or "127.0.0.1",
         "ray_port": free_port(), "dashboard_port": free_port(), "http_port": free_port(), "api_port": free_port(),
+        "metrics_port": free_port(),
     })
 
 
@@ -77,25 +79,30 @@ def run_demo(settings: Settings, n_donors: int, console: Console) -> int:
     os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
     started = time.monotonic()
     try:
-        console.print(f"[bold]1/5[/] dgpt up: a head and {n_donors} simulated donors, each its own raylet")
+        console.print(f"[bold]1/6[/] dgpt up: a head and {n_donors} simulated donors, each its own raylet")
         with stage_progress(console, "bringing the fabric up") as say:
             fabric.up(settings, n_donors, progress=say)
-        console.print("[bold]2/5[/] ray job submit: torch training tasks on every donor; "
+        console.print("[bold]2/6[/] ray job submit: torch training tasks on every donor; "
                       f"{PAUSED_DONOR}'s owner comes back mid-job")
         with stage_progress(console, "submitting the job") as say:
             outcome = _run_job(settings, say, console)
-        console.print("[bold]3/5[/] inference: the digits classifier on donors, over HTTP")
+        console.print("[bold]3/6[/] inference: the digits classifier on donors, over HTTP")
         from dgpt.cli.demo_serve import run_inference_step
 
         outcome["serve"] = run_inference_step(settings, console)
-        console.print("[bold]4/5[/] summary")
+        console.print("[bold]4/6[/] Ray Data over dgpt://: Parquet on the donors' disks, transformed and "
+                      "aggregated on the donors, checked against local files")
+        from dgpt.cli.demo_storage import run_storage_step
+
+        outcome["storage"] = run_storage_step(settings, console)
+        console.print("[bold]5/6[/] summary")
         _print_summary(settings, outcome, console)
         ok = _verdict(outcome, console)
     except DgptError as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         ok = False
     finally:
-        console.print("[bold]5/5[/] dgpt down: draining donors, stopping the head")
+        console.print("[bold]6/6[/] dgpt down: draining donors, stopping the head")
         with stage_progress(console, "stopping") as say:
             fabric.down(settings, progress=say)
     console.print(f"demo {'finished' if ok else 'FAILED'} in {time.monotonic() - started:.0f}s; "
@@ -189,6 +196,7 @@ def _verdict(outcome: dict[str, Any], console: Console) -> bool:
                                           for t in job.tasks),
         "inference answered every request": outcome["serve"]["failed_requests"] == 0,
         "predictions are real (>90% right on held-out digits)": outcome["serve"]["accuracy"] > 0.9,
+        "Ray Data over dgpt:// matched the same pipeline on local files": bool(outcome["storage"]["matched"]),
     }
     for name, held in checks.items():
         console.print(f"  {'[green]ok[/]' if held else '[red]NO[/]'}  {name}")

@@ -69,8 +69,9 @@ def head_block(s: Settings) -> dict[str, Any]:
 def print_addresses(s: Settings) -> None:
     head = head_block(s)
     table = Table(title="dgpt head", show_header=False)
-    for key in ("ray_address", "dashboard_url", "api_url", "serve_url"):
-        table.add_row(key, head[key])
+    for key in ("ray_address", "dashboard_url", "api_url", "serve_url", "api_fingerprint"):
+        if key in head:
+            table.add_row(key, head[key])
     console.print(table)
     console.print("Plain Ray tools: [bold]eval \"$(dgpt env)\"[/] then `ray job submit -- python script.py`.")
     console.print(f"Donors join with [bold]dgpt donor join --head {s.local_head_url} --token ...[/]")
@@ -86,6 +87,7 @@ def status(
     with client(s) as c:
         page = c.donors_page(limit=STATUS_DONORS)
         cluster = c.cluster()
+        credit = {x.donor_id: x for x in c.credits()}
     donors = page.items
     data: dict[str, Any] = {
         "head": head,
@@ -95,7 +97,12 @@ def status(
             {
                 "donor_id": d.donor_id, "name": d.name, "state": d.state.value, "device_class": d.device_class,
                 "owner": d.owner, "node_id": d.node_id, "resources": d.resources, "labels": d.labels,
-                "owner_active": d.owner_active, "reliability": d.reliability, "sessions_total": d.sessions_total,
+                "owner_active": d.owner_active, "reliability": d.reliability, "trust": d.trust,
+                "sessions_total": d.sessions_total,
+                "credit": credit[d.donor_id].total_credit if d.donor_id in credit else 0.0,
+                "recent_average_credit": credit[d.donor_id].recent_average_credit if d.donor_id in credit else 0.0,
+                "problem": d.problem,
+                "network": _network(d.relayed), "overlay_ip": d.overlay_ip,
                 "logs": str(s.home / "logs" / f"{d.name}.log"),
                 "sessions": [{"started_at": x.started_at, "ended_at": x.ended_at,
                               "ended_as": x.ended_as.value if x.ended_as else None,
@@ -106,6 +113,7 @@ def status(
         ],
         "autoscaler": cluster.autoscaler,
         "endpoints": _endpoints(s),
+        "rogue_nodes": [r.model_dump() for r in cluster.rogue_nodes],
     }
     if as_json:
         print(json.dumps(data, indent=2))
@@ -114,22 +122,38 @@ def status(
     counts = ", ".join(f"{n} {state}" for state, n in sorted(cluster.donors_by_state.items())) or "none"
     console.print(f"donors: {counts}")
     table = Table(title=f"donors ({len(donors)}" + (f" of {page.total})" if page.total else ")"))
-    for col in ("donor", "name", "state", "class", "owner", "node", "CPU", "mem GiB", "GFLOPS", "P(stay 1h)", "sessions"):
+    for col in ("donor", "name", "state", "class", "owner", "node", "network", "CPU", "mem GiB", "GFLOPS", "P(stay 1h)",
+                "trust", "sessions", "credit (RAC/day)"):
         table.add_column(col)
     for d in donors:
         ended = [x.ended_as.value for x in d.sessions if x.ended_as]
         table.add_row(
             d.donor_id, d.name, d.state.value + (" (owner)" if d.owner_active else ""), d.device_class, d.owner,
-            (d.node_id or "-")[:8], f"{d.resources.get('CPU', 0):g}", f"{d.resources.get('memory', 0) / 2**30:.1f}",
+            (d.node_id or "-")[:8], _network(d.relayed) or "-", f"{d.resources.get('CPU', 0):g}", f"{d.resources.get('memory', 0) / 2**30:.1f}",
             f"{d.profile.cpu_gflops:.0f}", f"{d.reliability:.2f}" if d.reliability is not None else "-",
+            f"{d.trust:.2f}" if d.trust is not None else "-",
             f"{d.sessions_total} ({', '.join(ended[-3:]) or 'open'})",
+            f"{credit[d.donor_id].total_credit:.2f} ({credit[d.donor_id].recent_average_credit:.1f})"
+            if d.donor_id in credit else "0",
         )
     console.print(table)
+    for d in donors:
+        if d.problem:
+            console.print(f"[yellow]{d.name} is not activated:[/] {d.problem}")
+    for r in cluster.rogue_nodes:
+        console.print(f"[red]Ray node {r.node_id[:8]} at {r.address} is not as granted:[/] {r.reason}; "
+                      + ("gone from Ray" if r.gone_at is not None else
+                         "drained, kept out of placement" if r.drain_requested else "drain not accepted yet"))
     if page.next_cursor:
         console.print(f"more donors: `dgpt donor list --after {page.next_cursor}`")
     console.print(f"logs: {s.home / 'logs'}/<donor>.log (agents), $DGPT_HOME/donors/<donor>/raylet.log (`ray start`)")
     _print_endpoints(data["endpoints"])
     _print_autoscaler(cluster.autoscaler)
+
+
+def _network(relayed: bool | None) -> str | None:
+    """How Ray reaches a donor: ``direct``, ``relayed`` (through the head's overlay), or not known yet."""
+    return None if relayed is None else ("relayed" if relayed else "direct")
 
 
 def _endpoints(s: Settings) -> list[dict[str, Any]] | dict[str, str]:

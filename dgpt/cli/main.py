@@ -12,6 +12,7 @@ from dgpt.cli.donor import donor_app
 from dgpt.cli.head import head_app
 from dgpt.cli.job import job_app
 from dgpt.cli.serve import serve_app
+from dgpt.cli.storage import storage_app
 from dgpt.cli.token import token_app
 from dgpt.config import load_settings
 from dgpt.exceptions import ConfigError, DgptError
@@ -24,6 +25,7 @@ app.add_typer(donor_app, name="donor")
 app.add_typer(job_app, name="job")
 app.add_typer(token_app, name="token")
 app.add_typer(serve_app, name="serve")
+app.add_typer(storage_app, name="storage")
 
 
 def _debug() -> bool:

@@ -3,11 +3,17 @@
 Lifecycle (DESIGN.md): registered -> standby -> activating -> active -> draining -> standby.
 The head answers each heartbeat with an action; the agent also drains by itself when its
 idle detectors say the owner is back, on `dgpt donor leave`/`pause`, and on SIGTERM/Ctrl-C.
+A pause on the head (the donor page) reaches it as a drain with reason ``paused``; until it
+is resumed there, the head answers its heartbeats with standby.
 Draining goes through the head (which calls Ray's DrainNode with a deadline); once the raylet
 has exited (it does so when drained and idle) or the deadline passed, the agent stops it.
 
 While it waits in standby, the agent long-polls: its heartbeat is held by the head until
 the autoscaler activates it, so an activation reaches it at once.
+
+A donor that can run the WireGuard overlay (``overlay``: ``dgpt.overlay.endpoint``) offers
+its public key when it registers and brings its tunnel up with the head's grant; if the head
+reaches it only through the overlay, the join arguments say so (``RayJoin.node_ip``).
 
 State kept in ``state_dir``: ``donor.json`` (donor id and secret: the id survives restarts),
 ``agent.pid``, ``paused`` (the user switch), ``ray_auth_token`` and the raylet's log. A
@@ -17,7 +23,9 @@ simulated donors on one machine then never share sockets or unpacked runtime env
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import queue
 import random
@@ -33,10 +41,14 @@ from typing import Any
 from dgpt.contract import AgentState, HeartbeatAction, LeaveReason
 from dgpt.donor.idle import Detector, HoursDetector, LoadDetector, SwitchDetector
 from dgpt.donor.ports import PortProbe, gcs_problem
-from dgpt.exceptions import ApiError, AuthError, Conflict, DonorError, HeadUnreachable
+from dgpt.donor.protection import Protection, ProtectionConfig
+from dgpt.donor.storage import DonorStorage
+from dgpt.exceptions import ApiError, AuthError, Conflict, DonorError, HeadUnreachable, OverlayError
 from dgpt.netaddr import local_ip_towards
+from dgpt.overlay.endpoint import DonorEndpoint
 from dgpt.processes import (
     become_subreaper,
+    die_with_parent,
     read_json,
     reap_orphans,
     stop_tree,
@@ -52,9 +64,12 @@ from dgpt.sdk.models import (
     Heartbeat,
     HeartbeatResponse,
     LeaveRequest,
+    OverlayOffer,
     RayJoin,
     RegisterRequest,
+    RegisterResponse,
 )
+from dgpt.tls import HeadTrust
 
 log = logging.getLogger("dgpt.donor")
 
@@ -72,6 +87,19 @@ _RAY_SERVICE_TITLES = frozenset({"ray::IDLE", "ray::DashboardAgent", "ray::Runti
 _HOLD_SLACK_S = 15.0
 # Backoff while the head is away: from 1 s, doubling, at most this.
 _MAX_BACKOFF_S = 30.0
+# A `ray start` with Ray already imported, waiting for its arguments (one JSON line): the
+# agent keeps one ready while standby (AgentConfig.warm_start), so joining skips the import.
+_WARM_RAY_START = (
+    "import json, sys\n"
+    "from ray.scripts.scripts import main\n"
+    "line = sys.stdin.readline()\n"
+    "if not line:\n"
+    "    sys.exit(0)\n"
+    "sys.argv = ['ray', *json.loads(line)]\n"
+    "main()\n"
+)
+# Heartbeat answers too ordinary for the donor's log.
+_ROUTINE_REASONS = frozenset({"standby", "running", "activated", "draining", ""})
 
 
 @dataclass
@@ -87,10 +115,21 @@ class AgentConfig:
     ports: NodePorts
     labels: dict[str, str] = field(default_factory=dict)
     node_ip: str | None = None
+    # The head's certificate pin (from the join token or DGPT_HEAD_FINGERPRINT; dgpt.tls).
+    head_pin: str | None = None
     load_threshold: float | None = None
+    # How long the owner's load stays low before the donor donates again (LoadDetector.calm_s).
+    load_calm_s: float = 60.0
     allowed_hours: str | None = None
     drain_deadline_s: float = 30.0
     ray_temp_dir: Path | None = None
+    # Keep a `ray start` with Ray imported while standby (~200 MB) so joining takes ~2 s less.
+    warm_start: bool = True
+    overlay: DonorEndpoint | None = None
+    # Caps enforced by a cgroup and the work sandboxed (dgpt/donor/protection.py).
+    protection: ProtectionConfig = field(default_factory=ProtectionConfig)
+    # Port of its piece server when it offers disk (dgpt/donor/storage.py); None: no server.
+    storage_port: int | None = None
 
 
 def state_files(state_dir: Path) -> dict[str, Path]:
@@ -101,6 +140,8 @@ def state_files(state_dir: Path) -> dict[str, Path]:
         "status": state_dir / "status.json",
         "ray_token": state_dir / "ray_auth_token",
         "ray_log": state_dir / "raylet.log",
+        # The head's certificate, kept once it matched the pin: the only one trusted after.
+        "head_cert": state_dir / "head_cert.pem",
     }
 
 
@@ -110,12 +151,14 @@ class DonorAgent:
     def __init__(self, cfg: AgentConfig, client: DonorClient | None = None) -> None:
         self.cfg = cfg
         self.files = state_files(cfg.state_dir)
-        self.client = client or DonorClient(cfg.head_url)
+        self.trust = HeadTrust(cfg.head_url, cfg.head_pin, cache=self.files["head_cert"])
+        self.client = client or DonorClient(cfg.head_url, trust=self.trust)
+        self.storage = DonorStorage(cfg.caps, cfg.state_dir, cfg.storage_port, cfg.node_ip or "0.0.0.0")
         self.detectors: list[Detector] = [SwitchDetector(self.files["paused"])]
         if cfg.allowed_hours:
             self.detectors.append(HoursDetector(cfg.allowed_hours))
         if cfg.load_threshold is not None:
-            self.detectors.append(LoadDetector(cfg.load_threshold))
+            self.detectors.append(LoadDetector(cfg.load_threshold, calm_s=cfg.load_calm_s))
         self.donor_id: str | None = None
         self.secret: str | None = None
         self.heartbeat_interval_s = 5.0
@@ -140,6 +183,10 @@ class DonorAgent:
         self._problem: str | None = None
         self._problem_gcs: str | None = None
         self._problem_checked = 0.0
+        self._last_reason = ""
+        self._warm: subprocess.Popen[bytes] | None = None
+        self._protection = Protection(None, None, None)  # set up by run()
+        self._warmed_at = -math.inf
         self._held: threading.Thread | None = None
         # Answers of held heartbeats; None when one failed (the head is away).
         self._held_replies: queue.Queue[HeartbeatResponse | None] = queue.Queue()
@@ -171,6 +218,7 @@ class DonorAgent:
             profile=self.cfg.profile, caps=self.cfg.caps, labels=self.cfg.labels,
             donor_id=self.donor_id, donor_secret=self.secret,
             node_ip=self.advertised_ip(), ray_ports=list(self.cfg.ports.reachable_ports),
+            overlay=self._overlay_offer(), storage_url=self.storage.url_for(self.advertised_ip()),
         )
         backoff = 1.0
         while not self._stop.is_set():
@@ -192,10 +240,37 @@ class DonorAgent:
             return
         self.donor_id, self.secret = resp.donor_id, resp.donor_secret
         self.heartbeat_interval_s = resp.heartbeat_interval_s
+        self._overlay_up(resp)
+        self.storage.start(resp.donor_id, resp.storage_key, self.advertised_ip())
         write_json(self.files["identity"], {"donor_id": self.donor_id, "donor_secret": self.secret,
                                             "name": self.cfg.name, "head_url": self.cfg.head_url})
         os.chmod(self.files["identity"], 0o600)
         log.info("%s as donor %s", "rejoined" if resp.reused else "registered", self.donor_id)
+
+    # ------------------------------------------------------------ overlay
+
+    def _overlay_offer(self) -> OverlayOffer | None:
+        if self.cfg.overlay is None:
+            return None
+        try:
+            return self.cfg.overlay.offer()
+        except OverlayError as exc:
+            log.error("cannot join through the overlay: %s", exc.message)
+            return None
+
+    def _overlay_up(self, resp: RegisterResponse) -> None:
+        """Bring the tunnel up with the head's grant (or down, when the head gave none)."""
+        endpoint = self.cfg.overlay
+        if endpoint is None:
+            return
+        if resp.overlay is None:
+            endpoint.down()
+            return
+        try:
+            endpoint.up(resp.overlay)
+        except OverlayError as exc:
+            # Still fine if the head reaches this donor directly; its preflight says if not.
+            log.error("the overlay tunnel did not come up: %s%s", exc.message, f" ({exc.hint})" if exc.hint else "")
 
     # ------------------------------------------------------------ raylet
 
@@ -293,14 +368,13 @@ class DonorAgent:
 
     def ray_argv(self, join: RayJoin) -> list[str]:
         """The `ray start --block` command line that joins this donor to the cluster."""
+        # A relayed donor advertises its overlay address: the one the head and donors reach.
         spec = NodeSpec(ports=self.cfg.ports, labels=join.labels, num_cpus=join.num_cpus, num_gpus=join.num_gpus,
-                        node_ip=self.cfg.node_ip, temp_dir=self.cfg.ray_temp_dir, memory_bytes=join.memory_bytes,
+                        node_ip=join.node_ip or self.cfg.node_ip, temp_dir=self.cfg.ray_temp_dir, memory_bytes=join.memory_bytes,
                         object_store_bytes=object_store_bytes(join.memory_bytes), resources=join.resources)
         return donor_argv(spec, join.gcs_address)
 
-    def start_ray(self, join: RayJoin) -> None:
-        write_secret(self.files["ray_token"], join.auth_token)
-        argv = self.ray_argv(join)
+    def _ray_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
             "RAY_AUTH_MODE": "token",
@@ -312,18 +386,49 @@ class DonorAgent:
         env.pop("RAY_ADDRESS", None)
         env.pop("RAY_AUTH_TOKEN", None)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def _spawn_ray(self, argv: list[str] | None) -> subprocess.Popen[bytes]:
+        """`ray start` with ``argv``; with None, one that has imported Ray and waits for them."""
+        command = [sys.executable, "-c", _WARM_RAY_START] if argv is None else argv
+        # In the sandbox, and in the cgroup from before exec: every Ray process descends from this one.
+        return subprocess.Popen(self._protection.wrap(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.PIPE if argv is None else subprocess.DEVNULL, env=self._ray_env(),
+                                preexec_fn=self._protection.preexec(die_with_parent), start_new_session=True)
+
+    def _keep_warm(self) -> None:
+        """While standby, keep a `ray start` ready with Ray imported: joining skips the ~2 s import."""
+        if not self.cfg.warm_start or self._ray is not None or self._owner_reason is not None:
+            return
+        if (self._warm is None or self._warm.poll() is not None) and time.monotonic() - self._warmed_at > 30:
+            self._warmed_at = time.monotonic()  # one that keeps dying is retried at most twice a minute
+            self._warm = self._spawn_ray(None)
+
+    def _drop_warm(self) -> None:
+        if self._warm is not None:
+            if self._warm.poll() is None:
+                stop_tree(self._warm.pid, grace_s=2)
+            self._warm = None
+
+    def start_ray(self, join: RayJoin) -> None:
+        write_secret(self.files["ray_token"], join.auth_token)
+        argv = self.ray_argv(join)
         if self.cfg.ray_temp_dir is not None:
             self.cfg.ray_temp_dir.mkdir(parents=True, exist_ok=True)
         self._ray_started.clear()
         self._ray_started_at = time.monotonic()
         self._raylet_missing = 0
-        self._ray = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            preexec_fn=_die_with_parent, start_new_session=True,
-        )
+        warm, self._warm = self._warm, None
+        if warm is not None and warm.poll() is None and warm.stdin is not None:
+            warm.stdin.write((json.dumps(argv[1:]) + "\n").encode())
+            warm.stdin.close()
+            self._ray = warm
+        else:
+            self._ray = self._spawn_ray(argv)
         threading.Thread(target=self._pump_ray_output, args=(self._ray,), daemon=True).start()
         self.state = AgentState.STARTING
-        log.info("starting raylet: %g CPU, %d GPU, %.1f GiB", join.num_cpus, join.num_gpus, join.memory_bytes / 2**30)
+        log.info("starting raylet: %g CPU, %d GPU, %.1f GiB%s", join.num_cpus, join.num_gpus,
+                 join.memory_bytes / 2**30, " (warm)" if self._ray is warm else "")
 
     def _pump_ray_output(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
@@ -407,6 +512,10 @@ class DonorAgent:
             log.info("head reachable again")
         self._head_ok = True
         self._backoff_s = 1.0
+        if resp.reason != self._last_reason and resp.reason not in _ROUTINE_REASONS:
+            # What keeps this donor out (the head cannot reach it, say) belongs in its log.
+            (log.warning if resp.reason.startswith("not activated") else log.info)("head: %s", resp.reason)
+        self._last_reason = resp.reason
         self.heartbeat_interval_s = resp.heartbeat_interval_s
         self.wait_s = resp.wait_s
         self._write_status()
@@ -425,7 +534,7 @@ class DonorAgent:
         hb = hb.model_copy(update={"wait_s": wait_s})
 
         def poll() -> None:
-            client = DonorClient(self.cfg.head_url, timeout_s=wait_s + _HOLD_SLACK_S)
+            client = DonorClient(self.cfg.head_url, timeout_s=wait_s + _HOLD_SLACK_S, trust=self.trust)
             try:
                 self._held_replies.put(client.heartbeat(donor_id, secret, hb))
             except Exception as exc:  # the main loop's next plain heartbeat handles the head
@@ -443,7 +552,9 @@ class DonorAgent:
             self._pending_join = resp.ray
             self._maybe_start_ray()
         elif resp.action is HeartbeatAction.DRAIN and self.ray_running():
-            self.drain(LeaveReason.AUTOSCALER, resp.drain_deadline_s)
+            # Paused on the head (the donor page, an operator): the drain says so; else a scale-down.
+            reason = LeaveReason.PAUSED if resp.reason == LeaveReason.PAUSED.value else LeaveReason.AUTOSCALER
+            self.drain(reason, resp.drain_deadline_s)
 
     def _write_status(self) -> None:
         write_json(self.files["status"], {"donor_id": self.donor_id, "state": self.state.value, "pid": os.getpid(),
@@ -460,6 +571,9 @@ class DonorAgent:
     def run(self) -> int:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         become_subreaper()
+        self._protection = Protection.setup(self.cfg.protection, name=self.cfg.name, state_dir=self.cfg.state_dir,
+                                            caps=self.cfg.caps, token_file=self.files["ray_token"],
+                                            ray_temp_dir=self.cfg.ray_temp_dir)
         write_json(self.files["pid"], {"pid": os.getpid()})
         try:
             self._listen_for_preflight()  # before registering: the head checks at once
@@ -468,9 +582,12 @@ class DonorAgent:
             while not self._stop.is_set():
                 self._listen_for_preflight()
                 self._recheck_problem()
+                self._keep_warm()
                 owner = next((r for d in self.detectors if (r := d.owner_active())), None)
                 if owner != self._owner_reason:
                     next_beat = 0.0  # tell the head at once
+                    if owner:
+                        self._drop_warm()  # the owner wants the machine: give back its memory too
                 self._owner_reason = owner
                 if self._owner_reason and self.ray_running() and self.state is not AgentState.DRAINING:
                     log.info("owner is back: %s", self._owner_reason)
@@ -509,11 +626,18 @@ class DonorAgent:
                 reap_orphans(keep=[self._ray.pid] if self._ray is not None else [])
                 self._stop.wait(POLL_S)
             self.drain(self._stop_reason, self._stop_deadline_s)
+            if self._stop_reason is LeaveReason.LEAVE:  # for good: its pieces move first
+                self.storage.leave(self.client, self.donor_id, self.secret)
             return 0
         finally:
             self._probe.stop()
+            self._drop_warm()
             if self._ray is not None:
                 self.stop_ray(grace_s=10)
+            if self.cfg.overlay is not None:
+                self.cfg.overlay.down()  # after the raylet: it drained over the tunnel
+            self._protection.close()
+            self.storage.stop()
             self.files["pid"].unlink(missing_ok=True)
             self.files["status"].unlink(missing_ok=True)
 
@@ -553,16 +677,6 @@ _MIN_OBJECT_STORE_BYTES = 80 * 2**20
 def object_store_bytes(memory_bytes: int) -> int:
     """Object store size inside the memory cap: 30% of it (Ray's own default share)."""
     return max(_MIN_OBJECT_STORE_BYTES, int(memory_bytes * 0.3))
-
-
-def _die_with_parent() -> None:
-    # If the agent is killed, its raylet must not linger as an unmanaged node: SIGTERM makes
-    # `ray start --block` drain and stop its processes.
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def install_signal_handlers(agent: DonorAgent) -> None:

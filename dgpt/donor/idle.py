@@ -7,6 +7,7 @@ drive them with fakes. The agent asks all of them every poll; any reason means "
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,20 +71,37 @@ def non_ray_load_per_core(exclude_pids: Iterable[int] = ()) -> float:
 
 @dataclass
 class LoadDetector:
-    """The owner is back when non-Ray load stays above ``threshold`` for ``patience`` polls."""
+    """The owner is back when non-Ray load stays above ``threshold`` for ``patience`` polls.
+
+    Once back, the owner stays back until the load has stayed at or below the threshold for
+    ``calm_s`` seconds: a person at the machine pauses between bursts, and a donor that
+    rejoins in every pause would drain again a moment later (and lose its work each time).
+    """
 
     threshold: float
     read_load: Callable[[], float] = non_ray_load_per_core
     patience: int = 3  # one busy poll is noise (a compile, an update check); three are a person
+    calm_s: float = 60.0
+    now: Callable[[], float] = time.monotonic
     _busy: int = 0
+    _active_reason: str | None = None
+    _calm_since: float | None = None
     last_load: float = 0.0
 
     def owner_active(self) -> str | None:
         self.last_load = self.read_load()
-        self._busy = self._busy + 1 if self.last_load > self.threshold else 0
+        busy = self.last_load > self.threshold
+        self._busy = self._busy + 1 if busy else 0
         if self._busy >= self.patience:
-            return f"owner load {self.last_load:.2f}/core above {self.threshold:g}"
-        return None
+            self._active_reason = f"owner load {self.last_load:.2f}/core above {self.threshold:g}"
+            self._calm_since = None
+        elif self._active_reason is not None and not busy:
+            t = self.now()
+            if self._calm_since is None:
+                self._calm_since = t
+            elif t - self._calm_since >= self.calm_s:
+                self._active_reason = self._calm_since = None
+        return self._active_reason
 
 
 def first_reason(detectors: Iterable[Detector]) -> str | None:

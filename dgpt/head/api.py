@@ -4,9 +4,17 @@ Routes live under ``/api/v1``; the OpenAPI schema is at ``/api/openapi.json`` an
 ``/api/docs``. It runs in the control-plane process next to the registry (no Ray call per
 request) and on its own port, apart from Serve's inference proxy, so inference load cannot
 starve donors' heartbeats. Three security schemes, all ``Authorization: Bearer``: a join
-token (register), a donor secret (heartbeat, leave), an API key (everything an app or an
-operator does). Every error has one shape (``ErrorBody``): a bad field gets a 422 that
-names it, and a refused request stores nothing.
+token (register), a donor secret (heartbeat, leave, the donor's own view and credit), an API
+key (everything an app or an operator does); pausing and resuming a donor takes either its
+secret or an API key. Every error has one shape (``ErrorBody``): a body that cannot be parsed
+gets a 400, a bad field a 422 that names it, and a refused request stores nothing. The pages
+operators and donors look at (``dgpt.head.pages``) are served here too, under ``/pages/``.
+
+The schema is a versioned contract (``API_VERSION``; the released one is committed as
+``openapi-v1.json`` next to this file, and a unit test refuses breaking changes to it): each
+operation declares the security scheme it takes, every status it can answer, and the
+links a client follows from one answer to the next (register -> heartbeat -> leave, create
+token -> revoke, submit job -> status / logs / stop).
 
 Standby donors long-poll: a heartbeat with ``wait_s`` is held until the autoscaler
 activates the donor or the wait ends (at most ``MAX_HELD`` at once).
@@ -14,61 +22,81 @@ activates the donor or the wait ends (at most ``MAX_HELD`` at once).
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
+from urllib.parse import unquote
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dgpt.contract import DonorState
-from dgpt.exceptions import ApiError, DgptError
+from dgpt.credit.book import CreditBook
+from dgpt.exceptions import (
+    ApiError,
+    DataUnavailable,
+    DgptError,
+    NotEnoughDonors,
+    StoreFull,
+    WriteConflict,
+)
+from dgpt.head.credit_api import credit_router
+from dgpt.head.pages import ServeDetails, pages_router
 from dgpt.head.registry import Registry
+from dgpt.head.store import read_ledger
 from dgpt.sdk.models import (
+    DONOR_ID_PATTERN,
+    JOB_ID_PATTERN,
     ClusterView,
     DonorView,
     ErrorBody,
+    FleetSessionView,
     Heartbeat,
     HeartbeatResponse,
     JobSubmitRequest,
     JobView,
     LeaveRequest,
     LeaveResponse,
+    PauseResponse,
     RegisterRequest,
     RegisterResponse,
     SessionImport,
     TokenCreateRequest,
     TokenView,
 )
+from dgpt.tls import pin_token
 
 log = logging.getLogger("dgpt.api")
 
-API_VERSION = "1.1.0"
+#: The contract's version (``info.version``): minor for additions, major for breaking changes.
+API_VERSION = "1.6.0"
 #: Request bodies larger than this are refused with 413 before they are read.
 MAX_BODY_BYTES = 1 << 20
 #: Heartbeats held open at once; past it standby donors are answered at once, with their
 #: full interval (each held request is a socket and a few KB on the head).
 MAX_HELD = 20_000
 
-DonorId = Annotated[str, Path(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$",
+DonorId = Annotated[str, Path(min_length=1, max_length=63, pattern=DONOR_ID_PATTERN,
                               description="The donor's id (`d-...`, or the name a local-fabric donor joined with).")]
 TokenId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9]+$")]
-JobId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[-A-Za-z0-9_.:]+$")]
+JobId = Annotated[str, Path(min_length=1, max_length=128, pattern=JOB_ID_PATTERN)]
 
 
 class Recorded(BaseModel):
-    status: str = "recorded"
+    status: Literal["recorded"] = "recorded"
 
 
 class Revoked(BaseModel):
-    status: str = "revoked"
+    status: Literal["revoked"] = "revoked"
 
 
 class Health(BaseModel):
-    status: str = "ok"
+    status: Literal["ok"] = "ok"
 
 
 class HeadServices(Protocol):
@@ -82,43 +110,110 @@ class HeadServices(Protocol):
 
     ray_address: str
     dashboard_url: str
+    # The pin of the API's certificate, which join tokens carry; None without TLS.
+    tls_fingerprint: str | None
 
 
 # ---------------------------------------------------------------- errors
 
 _ERR = {"model": ErrorBody}
 _DESCRIPTIONS = {
-    400: "The body could not be parsed.",
+    400: "The body could not be parsed (not UTF-8, not JSON); `detail` names `body`.",
     401: "Missing, wrong or revoked credentials.",
-    404: "No such donor, token or job.",
-    409: "The request clashes with current state.",
-    413: f"The body is larger than {MAX_BODY_BYTES} bytes.",
+    404: "No such donor, token, job or file.",
+    409: "The request clashes with current state (for storage: the path is taken, or the tier has too few "
+         "donors of distinct owners with free disk for a new file; for a resume: an operator paused the donor).",
+    413: f"The body is larger than {MAX_BODY_BYTES} bytes (file uploads to /api/v1/storage have no limit).",
+    416: "The Range header is malformed or lies outside the file.",
     422: "A field is invalid; `detail` names each one.",
     502: "Ray refused the request.",
-    503: "The control plane is starting or restarting; retry.",
+    503: "Ray's job server or dashboard does not answer (the head is starting or restarting), or fewer than k "
+         "pieces of a file's segment are online now; retry.",
 }
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {**_ERR, "description": _DESCRIPTIONS[code]} for code in (400, 413, 422, *codes)}
+def _errors(*codes: int, body: bool = False, params: bool = False,
+            plain: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The documented error answers of an operation: ``codes`` plus what any request can get.
+
+    Any request may get 413 (the limit is checked before routing); one with a body 400 and
+    422; one with parameters 422. ``plain``: the operation answers text/plain on success;
+    its errors are JSON all the same (the framework would file them under text/plain).
+    """
+    every = [413, *([400] if body else []), *([422] if body or params else []), *codes]
+    shape: dict[str, Any] = (
+        {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}} if plain else _ERR)
+    return {code: {**shape, "description": _DESCRIPTIONS[code]} for code in sorted(set(every))}
+
+
+def _links(operation_id: str, **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link: the operation a client can call next, with values from this exchange."""
+    return {"operationId": operation_id, "parameters": parameters}
 
 
 def _error(status: int, error: str, message: str, hint: str | None = None,
-           detail: list[dict[str, str]] | None = None) -> JSONResponse:
+           detail: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"error": error, "message": message, "hint": hint}
     if detail is not None:
         body["detail"] = detail
-    return JSONResponse(status_code=status, content=body)
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+def _unparsable(problem: str) -> JSONResponse:
+    return _error(400, "invalid body", f"body: {problem}", hint="send a UTF-8 JSON object as the body",
+                  detail=[{"field": "body", "problem": problem}])
+
+
+def _ray_jobs_error(exc: Exception) -> ApiError:
+    """What a Ray Jobs failure means for the caller (the client raises RuntimeError with Ray's
+    HTTP status in its text, ValueError/TypeError for a runtime_env it cannot use, and
+    connection errors when the dashboard does not answer)."""
+    text = str(exc)
+    if isinstance(exc, ConnectionError) or type(exc).__module__.startswith(("requests", "urllib3")):
+        return ApiError(f"Ray's job server does not answer: {text}", 503, hint="retry in a few seconds")
+    if isinstance(exc, (ValueError, TypeError)):
+        return ApiError(f"runtime_env: {text}", 422, hint="fix runtime_env (see Ray's runtime environments)")
+    if "does not exist" in text or "not found" in text.lower():
+        return ApiError(text, 404, hint="list jobs with `dgpt job list`")
+    if "already exists" in text:
+        return ApiError(text, 409, hint="choose another submission_id, or omit it")
+    if "status code 400" in text:
+        return ApiError(f"Ray Jobs refused the request: {text}", 422, hint="fix the field Ray names")
+    return ApiError(f"Ray Jobs refused the request: {text}", 502)
+
+
+class EncodedSlashes:
+    """ASGI middleware: an encoded ``/`` (``%2F``) stays inside its path segment.
+
+    The server decodes the path before routing, so ``/donors/x%2Fheartbeat`` would reach
+    another operation than the one the client addressed. Routed on a path that keeps
+    ``%2F`` encoded, it reaches the addressed operation, whose parameter check refuses it
+    with a 422 naming the parameter.
+    """
+
+    _SLASH = re.compile(r"%2[fF]")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        raw = scope.get("raw_path") if scope["type"] == "http" else None
+        if raw and b"%2" in raw:
+            text = raw.split(b"?", 1)[0].decode("latin-1")
+            if self._SLASH.search(text):
+                scope = {**scope, "path": "%2F".join(unquote(part) for part in self._SLASH.split(text))}
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
     """ASGI middleware: refuse bodies over ``limit`` bytes with 413, before reading them."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, unlimited: str | None = None) -> None:
+        self.app, self.limit, self.unlimited = app, limit, unlimited
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
+        # File uploads stream to the storage tier chunk by chunk: no limit to hold them to.
+        if scope["type"] != "http" or (self.unlimited and scope.get("path", "").startswith(self.unlimited)):
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
@@ -227,28 +322,49 @@ def _job_view(info: Any) -> JobView:
 # ---------------------------------------------------------------- the app
 
 
-def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats | None = None) -> FastAPI:
-    """The control plane's ASGI app over ``registry``; ``held`` receives long-polls."""
-    held = held or HeldHeartbeats()
+def error_status(exc: DgptError) -> int:
+    """The HTTP status of an error: an API error's own, a storage error's by its kind, else 500."""
+    if isinstance(exc, ApiError):
+        return exc.status_code
+    return next((code for cls, code in _STORAGE_STATUS if isinstance(exc, cls)), 500)
+
+
+# Too few donors is the fleet's state, which the client can change (more donors): 409, not a server error.
+_STORAGE_STATUS = ((WriteConflict, 409), (NotEnoughDonors, 409), (DataUnavailable, 503), (StoreFull, 507))
+
+
+def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats | None = None,
+              credit: CreditBook | None = None, storage: Any = None,
+              serve_details: ServeDetails | None = None) -> FastAPI:
+    """The control plane's ASGI app over ``registry``; ``held`` receives long-polls; ``credit``:
+    the credit ledger (default: one over the registry's SQLite file); ``storage`` is the head's
+    storage tier (``dgpt.head.storage_tier.HeadStorage``; None: its routes answer 503);
+    ``serve_details``: Serve's applications and replicas (default: from the head's Ray dashboard)."""
+    from dgpt.head.storage_api import STORAGE_UPLOADS, add_storage_routes, with_storage_key
+
+    held = held if held is not None else HeldHeartbeats()  # not `or`: an empty one is falsy (__len__)
+    credit = credit if credit is not None else CreditBook(registry.store, lambda: read_ledger(registry.store.path), registry.clock)
     registry.on_wake = held.wake
     app = FastAPI(
         title="dgpt control plane",
         version=API_VERSION,
-        description="Donors, jobs, tokens and cluster status of a dgpt fabric.",
+        description="Donors, jobs, tokens, cluster status, credit, the storage tier, and the operator's and "
+                    "donors' pages of a dgpt fabric.",
         openapi_url="/api/openapi.json",
         docs_url="/api/docs",
         redoc_url=None,
     )
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(EncodedSlashes)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, unlimited=STORAGE_UPLOADS)
     app.state.held = held
+    app.state.credit = credit
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         for err in exc.errors():
             if err.get("type") == "json_invalid":  # its loc is the byte offset, not a field
-                problems.append({"field": "body", "problem": f"invalid JSON: {err.get('ctx', {}).get('error', '')}"})
-                continue
+                return _unparsable(f"invalid JSON: {err.get('ctx', {}).get('error', '')}")
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
             problems.append({"field": loc, "problem": str(err.get("msg", "invalid"))})
         message = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
@@ -256,13 +372,28 @@ def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats |
 
     @app.exception_handler(DgptError)
     async def _dgpt_error(_: Request, exc: DgptError) -> JSONResponse:
-        status = exc.status_code if isinstance(exc, ApiError) else 500
-        return _error(status, type(exc).__name__, exc.message, exc.hint)
+        return _error(error_status(exc), type(exc).__name__, exc.message, exc.hint)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        names = {400: "bad request", 404: "not found", 405: "method not allowed"}
-        return _error(exc.status_code, names.get(exc.status_code, "error"), str(exc.detail))
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # the framework's only 400: a body it could not decode
+            return _unparsable(f"{exc.detail} (not UTF-8 JSON)")
+        if exc.status_code == 405:
+            # The framework's Allow names one route's methods; the path may have several routes.
+            allowed = sorted({m for r in app.routes if isinstance(r, APIRoute) and r.path_regex.match(request.url.path)
+                              for m in r.methods or ()})
+            return _error(405, "method not allowed", f"{request.method} is not allowed here; use {', '.join(allowed)}",
+                          headers={"Allow": ", ".join(allowed)})
+        names = {404: "not found"}
+        return _error(exc.status_code, names.get(exc.status_code, "error"), str(exc.detail),
+                      headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the caller's fault: the traceback goes to the log, the one error shape to the caller.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal error", f"the control plane failed: {type(exc).__name__}",
+                      hint="see the control plane's traceback in the head's Ray logs (session_latest/logs/worker-*.err)")
 
     def require_key(key: str | None) -> None:
         registry.check_api_key(key)
@@ -272,29 +403,37 @@ def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats |
 
     async def jobs_call(name: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await blocking(getattr(services.jobs(), name), *args, **kwargs)
-        except RuntimeError as exc:
-            text = str(exc)
-            if "does not exist" in text or "not found" in text.lower():
-                raise ApiError(text, 404, hint="list jobs with `dgpt job list`") from None
-            raise ApiError(f"Ray Jobs refused the request: {text}", 502) from None
+            return await blocking(lambda: getattr(services.jobs(), name)(*args, **kwargs))
+        except Exception as exc:
+            raise _ray_jobs_error(exc) from None
 
     # ------------------------------------------------------------ health
 
-    @app.get("/api/v1/health", response_model=Health, tags=["head"], responses={503: {**_ERR, "description": _DESCRIPTIONS[503]}})
+    @app.get("/api/v1/health", response_model=Health, tags=["head"], operation_id="health",
+             responses=_errors(), openapi_extra={"security": []})
     async def health() -> Health:
+        """The control plane answers (no credentials needed)."""
         return Health()
 
     # ------------------------------------------------------------ donors
 
+    donor_links = {name: _links(op, donor_id="$response.body#/donor_id")
+                   for name, op in (("heartbeat", "heartbeatDonor"), ("leave", "leaveDonor"), ("get", "getDonor"))}
+
     @app.post("/api/v1/donors", response_model=RegisterResponse, status_code=201, tags=["donors"],
-              responses=_errors(401, 409))
+              operation_id="registerDonor",
+              responses={**_errors(401, 409, body=True),
+                         201: {"description": "Registered; the secret is in this answer only.", "links": donor_links}})
     async def register(req: RegisterRequest, token: str | None = Depends(_join_token)) -> RegisterResponse:
         """Register a donor with a join token; answers its id and secret (kept across rejoins)."""
-        return registry.register(req, token)
+        return with_storage_key(storage, req, registry.register(req, token))
 
     @app.post("/api/v1/donors/{donor_id}/heartbeat", response_model=HeartbeatResponse, tags=["donors"],
-              responses=_errors(401))
+              operation_id="heartbeatDonor",
+              responses={**_errors(401, body=True),
+                         200: {"description": "What the donor does next.",
+                               "links": {"heartbeat": _links("heartbeatDonor", donor_id="$request.path.donor_id"),
+                                         "leave": _links("leaveDonor", donor_id="$request.path.donor_id")}}})
     async def heartbeat(donor_id: DonorId, hb: Heartbeat, secret: str | None = Depends(_donor_secret)) -> HeartbeatResponse:
         """Report the agent's state; the answer says what to do next (standby, activate, drain).
 
@@ -307,13 +446,13 @@ def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats |
         return resp
 
     @app.post("/api/v1/donors/{donor_id}/leave", response_model=LeaveResponse, tags=["donors"],
-              responses=_errors(401))
+              operation_id="leaveDonor", responses=_errors(401, body=True))
     async def leave(donor_id: DonorId, req: LeaveRequest, secret: str | None = Depends(_donor_secret)) -> LeaveResponse:
         """The donor leaves: its node drains through Ray's DrainNode with a deadline."""
         return await blocking(registry.leave, donor_id, secret, req)
 
-    @app.get("/api/v1/donors", response_model=list[DonorView], tags=["donors"], responses={
-        **_errors(401),
+    @app.get("/api/v1/donors", response_model=list[DonorView], tags=["donors"], operation_id="listDonors", responses={
+        **_errors(401, params=True),
         200: {"description": "A page of donors in registration order.", "headers": {
             "X-Next-Cursor": {"description": "Pass as `after` for the next page; absent on the last.",
                               "schema": {"type": "string"}},
@@ -338,14 +477,54 @@ def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats |
             response.headers["X-Total-Count"] = str(total)
         return page
 
-    @app.get("/api/v1/donors/{donor_id}", response_model=DonorView, tags=["donors"], responses=_errors(401, 404))
+    @app.get("/api/v1/donors/{donor_id}", response_model=DonorView, tags=["donors"], operation_id="getDonor",
+             responses=_errors(401, 404, params=True))
     async def get_donor(donor_id: DonorId, key: str | None = Depends(_api_key)) -> DonorView:
         """One donor: profile, caps, state, labels, sessions, reliability."""
         require_key(key)
         return registry.donor_view(donor_id)
 
+    @app.get("/api/v1/donors/{donor_id}/own", response_model=DonorView, tags=["donors"], operation_id="getOwnDonor",
+             responses=_errors(401, params=True))
+    async def get_own_donor(donor_id: DonorId, secret: str | None = Depends(_donor_secret)) -> DonorView:
+        """The donor's own view, with its donor secret (what the donor page shows)."""
+        registry.check_donor_secret(donor_id, secret)
+        return registry.donor_view(donor_id)
+
+    # Pause and resume take the donor's secret or an API key. Both schemes read the same
+    # header; declaring both documents that either is accepted.
+
+    @app.post("/api/v1/donors/{donor_id}/pause", response_model=PauseResponse, tags=["donors"],
+              operation_id="pauseDonor", responses=_errors(401, 404, params=True))
+    async def pause_donor(donor_id: DonorId, secret: str | None = Depends(_donor_secret),
+                          key: str | None = Depends(_api_key)) -> PauseResponse:
+        """Pause a donor on the head: it drains now (its session ends `drained`, reason `paused`)
+        and is never activated until resumed, across restarts of its agent and of the head.
+
+        Its owner pauses it with the donor secret, an operator with an API key (404 for an
+        unknown donor then). Pausing a paused donor changes nothing.
+        """
+        by = registry.pauser(donor_id, secret or key)
+        return await blocking(registry.pause, donor_id, by)
+
+    @app.post("/api/v1/donors/{donor_id}/resume", response_model=PauseResponse, tags=["donors"],
+              operation_id="resumeDonor", responses=_errors(401, 404, 409, params=True))
+    async def resume_donor(donor_id: DonorId, secret: str | None = Depends(_donor_secret),
+                           key: str | None = Depends(_api_key)) -> PauseResponse:
+        """Resume a paused donor: the autoscaler may activate it again. Its secret lifts its
+        owner's pause; an API key lifts any (an operator's pause answers 409 to the donor)."""
+        return registry.resume(donor_id, registry.pauser(donor_id, secret or key))
+
+    @app.get("/api/v1/sessions", response_model=list[FleetSessionView], tags=["donors"],
+             operation_id="listEndedSessions", responses=_errors(401, params=True))
+    async def ended_sessions(key: str | None = Depends(_api_key),
+                             limit: int = Query(50, ge=1, le=200, description="Sessions at most.")) -> list[FleetSessionView]:
+        """The fleet's latest ended sessions, newest first: its drains and losses."""
+        require_key(key)
+        return registry.ended_sessions(limit)
+
     @app.post("/api/v1/donors/{donor_id}/drain", response_model=LeaveResponse, tags=["donors"],
-              responses=_errors(401, 404))
+              operation_id="drainDonor", responses=_errors(401, 404, body=True))
     async def drain_donor(donor_id: DonorId, req: LeaveRequest, key: str | None = Depends(_api_key)) -> LeaveResponse:
         """An operator drains a donor (DrainNode with a deadline)."""
         require_key(key)
@@ -353,7 +532,7 @@ def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats |
                               req.deadline_s or registry.settings.drain_deadline_s)
 
     @app.post("/api/v1/donors/{donor_id}/sessions", response_model=Recorded, status_code=201, tags=["donors"],
-              responses=_errors(401, 404))
+              operation_id="importDonorSession", responses=_errors(401, 404, body=True))
     async def import_session(donor_id: DonorId, session: SessionImport, key: str | None = Depends(_api_key)) -> Recorded:
         """Import a finished session (history from elsewhere); it seeds the donor's reliability."""
         require_key(key)
@@ -362,19 +541,30 @@ def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats |
 
     # ------------------------------------------------------------ tokens
 
-    @app.post("/api/v1/tokens", response_model=TokenView, status_code=201, tags=["tokens"], responses=_errors(401))
+    @app.post("/api/v1/tokens", response_model=TokenView, status_code=201, tags=["tokens"], operation_id="createToken",
+              responses={**_errors(401, body=True),
+                         201: {"description": "Created; the secret (`token`) is in this answer only.",
+                               "links": {"revoke": _links("revokeToken", token_id="$response.body#/token_id")}}})
     async def create_token(req: TokenCreateRequest, key: str | None = Depends(_api_key)) -> TokenView:
-        """Create a join token (donors) or an API key (apps); the secret is in this answer only."""
-        require_key(key)
-        return registry.create_token(req.kind, req.label)
+        """Create a join token (donors) or an API key (apps); the secret is in this answer only.
 
-    @app.get("/api/v1/tokens", response_model=list[TokenView], tags=["tokens"], responses=_errors(401))
+        Over HTTPS a join token carries the API certificate's fingerprint after ``@``
+        (``dgpt_join_...@sha256:<hex>``): donors pin it and send only the part before."""
+        require_key(key)
+        made = registry.create_token(req.kind, req.label)
+        if req.kind == "join" and made.token and services.tls_fingerprint:
+            made = made.model_copy(update={"token": pin_token(made.token, services.tls_fingerprint)})
+        return made
+
+    @app.get("/api/v1/tokens", response_model=list[TokenView], tags=["tokens"], operation_id="listTokens",
+             responses=_errors(401))
     async def list_tokens(key: str | None = Depends(_api_key)) -> list[TokenView]:
         """Every token, never its secret."""
         require_key(key)
         return registry.list_tokens()
 
-    @app.delete("/api/v1/tokens/{token_id}", response_model=Revoked, tags=["tokens"], responses=_errors(401, 404))
+    @app.delete("/api/v1/tokens/{token_id}", response_model=Revoked, tags=["tokens"], operation_id="revokeToken",
+                responses=_errors(401, 404, params=True))
     async def revoke_token(token_id: TokenId, key: str | None = Depends(_api_key)) -> Revoked:
         """Revoke a token: it is refused from now on."""
         require_key(key)
@@ -383,7 +573,8 @@ def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats |
 
     # ------------------------------------------------------------ cluster
 
-    @app.get("/api/v1/cluster", response_model=ClusterView, tags=["head"], responses=_errors(401))
+    @app.get("/api/v1/cluster", response_model=ClusterView, tags=["head"], operation_id="getCluster",
+             responses=_errors(401))
     async def cluster(key: str | None = Depends(_api_key)) -> ClusterView:
         """Donors by state, Ray's resources, the autoscaler's last decisions."""
         require_key(key)
@@ -402,11 +593,17 @@ def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats |
             autoscaler=autoscaler,
             ray_address=services.ray_address,
             dashboard_url=services.dashboard_url,
+            rogue_nodes=registry.rogue_nodes(),
         )
 
     # ------------------------------------------------------------ jobs
 
-    @app.post("/api/v1/jobs", response_model=JobView, status_code=201, tags=["jobs"], responses=_errors(401, 404, 502))
+    job_links = {name: _links(op, job_id="$response.body#/job_id")
+                 for name, op in (("status", "getJob"), ("logs", "getJobLogs"), ("stop", "stopJob"))}
+
+    @app.post("/api/v1/jobs", response_model=JobView, status_code=201, tags=["jobs"], operation_id="submitJob",
+              responses={**_errors(401, 409, 502, 503, body=True),
+                         201: {"description": "Submitted to Ray Jobs.", "links": job_links}})
     async def submit_job(req: JobSubmitRequest, key: str | None = Depends(_api_key)) -> JobView:
         """Submit a Ray job (entrypoint and runtime_env)."""
         require_key(key)
@@ -420,31 +617,38 @@ def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats |
         job_id = await jobs_call("submit_job", **kwargs)
         return _job_view(await jobs_call("get_job_info", job_id))
 
-    @app.get("/api/v1/jobs", response_model=list[JobView], tags=["jobs"], responses=_errors(401, 502))
+    @app.get("/api/v1/jobs", response_model=list[JobView], tags=["jobs"], operation_id="listJobs",
+             responses=_errors(401, 502, 503))
     async def list_jobs(key: str | None = Depends(_api_key)) -> list[JobView]:
         """Jobs submitted through Ray's Jobs API."""
         require_key(key)
         return [_job_view(j) for j in await jobs_call("list_jobs") if j.submission_id]
 
-    @app.get("/api/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], responses=_errors(401, 404, 502))
+    @app.get("/api/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], operation_id="getJob",
+             responses=_errors(401, 404, 502, 503, params=True))
     async def job_status(job_id: JobId, key: str | None = Depends(_api_key)) -> JobView:
         """One job's status."""
         require_key(key)
         return _job_view(await jobs_call("get_job_info", job_id))
 
-    @app.get("/api/v1/jobs/{job_id}/logs", response_class=PlainTextResponse, tags=["jobs"],
-             responses={**_errors(401, 404, 502), 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                                                        "description": "The job's driver log."}})
+    @app.get("/api/v1/jobs/{job_id}/logs", response_class=PlainTextResponse, tags=["jobs"], operation_id="getJobLogs",
+             responses={**_errors(401, 404, 502, 503, params=True, plain=True),
+                        200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "The job's driver log."}})
     async def job_logs(job_id: JobId, key: str | None = Depends(_api_key)) -> str:
         """A job's driver log."""
         require_key(key)
         return str(await jobs_call("get_job_logs", job_id))
 
-    @app.delete("/api/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], responses=_errors(401, 404, 502))
+    @app.delete("/api/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], operation_id="stopJob",
+                responses=_errors(401, 404, 502, 503, params=True))
     async def stop_job(job_id: JobId, key: str | None = Depends(_api_key)) -> JobView:
-        """Stop a job."""
+        """Stop a job (a finished one is left as it is)."""
         require_key(key)
         await jobs_call("stop_job", job_id)
         return _job_view(await jobs_call("get_job_info", job_id))
 
+    app.include_router(credit_router(registry, credit, DonorId, _errors, _api_key, _donor_secret))
+    app.include_router(pages_router(registry, credit, serve_details, _errors, _api_key))
+    add_storage_routes(app, storage, require_key, registry.check_donor_secret)
     return app

@@ -5,10 +5,16 @@ everything that reads the live fleet, so none of it pays a Ray call or a copy of
 per request:
 
 - the registry (``dgpt.head.registry``) with its SQLite file;
+- the overlay coordinator (``dgpt.overlay.coordinator``), when ``overlay_enabled``;
 - the REST API (``dgpt.head.api``) on its own uvicorn server and port, in a thread;
 - the monitor thread: Ray's node table and heartbeat silence, every ``monitor_interval_s``;
 - the autoscaler thread: ``autoscaler.loop.AutoscalerLoop`` every ``autoscaler_interval_s``,
-  with Ray's demand from the adapter and the registry's fleet view.
+  with Ray's demand from the adapter and the registry's fleet view; each tick's node usage is
+  also metered into the credit ledger (``dgpt.head.metering``);
+- the Prometheus metrics server (``dgpt.head.metrics``) on ``metrics_port``, in a thread.
+- the storage tier's metadata service (``dgpt.head.storage_tier``) and its upkeep thread
+  (donor states from the registry, repair, audits, garbage) every ``storage_repair_interval_s``;
+  Ray callers reach the service through :meth:`ControlPlane.storage_call`.
 
 Each loop survives any single tick's exception (logged with its traceback). Killing the
 process loses no record: Ray restarts the actor, which reloads the SQLite file and binds
@@ -25,16 +31,19 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from autoscaler.actuator import Actuator
 from autoscaler.bounds import AutoscalerBounds, load_bounds
 from autoscaler.context import AutoscalerContext
 from autoscaler.loop import AutoscalerLoop
 from dgpt.config import Settings
-from dgpt.exceptions import FabricError
+from dgpt.exceptions import FabricError, InvalidRequest, NotFound
 from dgpt.fleet import FleetView
 from dgpt.head.paths import head_paths
+from dgpt.tls import head_fingerprint, tls_files
 
 log = logging.getLogger("dgpt.control_plane")
+
+#: How often what Serve runs is recorded (re-applied after a head restart).
+SERVE_RECORD_S = 5.0
 
 
 def autoscaler_bounds(settings: Settings) -> AutoscalerBounds:
@@ -75,6 +84,8 @@ class _Services:
         self.settings = settings
         self.ray_address = gcs
         self.dashboard_url = f"http://{settings.node_ip or '127.0.0.1'}:{settings.dashboard_port}"
+        # Join tokens carry it, so donors pin the API's certificate (dgpt.tls).
+        self.tls_fingerprint = head_fingerprint(settings)
         self.autoscaler_status = autoscaler_status
         self._jobs: Any = None
 
@@ -100,10 +111,14 @@ class ControlPlane:
 
         import uvicorn
 
+        from dgpt.credit.book import CreditBook
         from dgpt.head.api import build_app
+        from dgpt.head.metering import Metering
+        from dgpt.head.metrics import CountingActuator, HeadMetrics, MetricsServer, TimedHeld
         from dgpt.head.ray_adapter import RayAdapter
         from dgpt.head.registry import Registry
-        from dgpt.head.store import RegistryStore
+        from dgpt.head.store import RegistryStore, read_ledger
+        from dgpt.verify.trust import TrustBook
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
@@ -122,14 +137,39 @@ class ControlPlane:
         store = RegistryStore(paths["db"])
         if paths["api_key"].is_file():
             store.ensure_token("api", paths["api_key"].read_text().strip(), "head bootstrap key", time.time())
-        self.registry = Registry(settings, store, self.adapter, gcs, paths["ray_token"])
-        self.bounds = autoscaler_bounds(settings)
-        self.autoscaler = AutoscalerLoop(self._collect, Actuator(self.registry, settings.drain_deadline_s))
-        self._stop = threading.Event()
+        overlay = None
+        if settings.overlay_enabled:
+            from dgpt.overlay.coordinator import OverlayCoordinator
 
-        app = build_app(self.registry, _Services(settings, gcs, lambda: self.autoscaler.status(self.bounds)))
+            # The supervisor brought the interface up; the coordinator restores its peers.
+            overlay = OverlayCoordinator.open(settings, paths["overlay_db"])
+        self.registry = Registry(settings, store, self.adapter, gcs, paths["ray_token"], overlay=overlay)
+        self.metrics = HeadMetrics(self.registry.counts)
+        self.registry.on_session_end = self.metrics.session_ended
+        self.credit = CreditBook(store, lambda: read_ledger(paths["db"]), on_change=self.metrics.credit_changed)
+        # Verification trust per donor (dgpt.verify), in the registry's own SQLite file.
+        self.trust = TrustBook(paths["db"])
+        self.registry.trust_scores = self.trust.scores
+        self.registry.trust_record = lambda donor_id: (r.as_dict() if (r := self.trust.summary(donor_id)) else None)
+        self.metrics.ledger_total(self.credit.total_issued)
+        self.metering = Metering(self.registry, self.credit, settings.credit_interval_s, settings.autoscaler_interval_s,
+                                 on_metered=self.metrics.metered_used)
+        self.bounds = autoscaler_bounds(settings)
+        self.autoscaler = AutoscalerLoop(self._collect, CountingActuator(self.metrics, self.registry,
+                                                                         settings.drain_deadline_s))
+        self._stop = threading.Event()
+        self._metrics_server = MetricsServer(self.metrics, settings, self.adapter.nodes).start()
+
+        from dgpt.head.storage_tier import HeadStorage
+
+        self.storage = HeadStorage(settings, paths["storage"])
+        app = self.metrics.instrument(build_app(
+            self.registry, _Services(settings, gcs, lambda: self.autoscaler.status(self.bounds)), held=TimedHeld(),
+            credit=self.credit, storage=self.storage))
+        tls = tls_files(settings)
         config = uvicorn.Config(app, host=settings.http_host, port=settings.api_port, loop="uvloop", http="httptools",
-                                log_level="warning", access_log=False, backlog=4096, timeout_keep_alive=75)
+                                log_level="warning", access_log=False, backlog=4096, timeout_keep_alive=75,
+                                ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None)
         self._server = uvicorn.Server(config)
         self._api = threading.Thread(target=self._server.run, name="api", daemon=True)
         self._api.start()
@@ -139,17 +179,43 @@ class ControlPlane:
                 raise FabricError(f"the control plane could not serve on {settings.http_host}:{settings.api_port}",
                                   hint="is DGPT_API_PORT free? see the head's Ray logs (worker-*.err)")
             time.sleep(0.05)
+        self._serve_recorded: list[dict[str, Any]] | None = None
         for name, interval, tick in (
             ("monitor", lambda: self.settings.monitor_interval_s, self.registry.tick),
             ("autoscaler", lambda: self.settings.autoscaler_interval_s, self.autoscaler.safe_tick),
+            ("serve-record", lambda: SERVE_RECORD_S, self._record_serve),
+            ("storage-upkeep", lambda: self.settings.storage_repair_interval_s, self._storage_upkeep),
         ):
             threading.Thread(target=_loop_forever, args=(name, interval, tick, self._stop), name=name,
                              daemon=True).start()
         log.info("control plane serving on %s:%d", settings.http_host, settings.api_port)
 
+    def _record_serve(self) -> None:
+        """Record what Serve runs from config files, so a restarted head re-applies it."""
+        from dgpt.head.dashboard import Dashboard, deployed_apps
+
+        apps = deployed_apps(Dashboard.of(self.settings).serve_details())
+        # An empty Serve replaces the record only once this loop has seen apps go: a head
+        # that just started (or failed to re-apply) must not erase what it should restore.
+        if apps != self._serve_recorded and (apps or self._serve_recorded):
+            self.registry.store.save_serve_apps(apps, time.time())
+        self._serve_recorded = apps
+
+    def _storage_upkeep(self) -> None:
+        """Donor states and reliability from the registry, then repair, audits and garbage."""
+        donors, cursor = [], None
+        while True:
+            page, cursor, _ = self.registry.list_donors(after=cursor, limit=1000, max_sessions=0)
+            donors += page
+            if cursor is None:
+                break
+        self.storage.sync(donors)
+        self.storage.upkeep()
+
     def _collect(self) -> AutoscalerContext:
         usage, demand = self.adapter.usage_and_demand()
         self.registry.update_usage(usage)
+        self.metering.sample(usage)
         return AutoscalerContext(self.bounds, demand, self.registry.fleet_view())
 
     # ------------------------------------------------------------ Ray callers
@@ -159,12 +225,65 @@ class ControlPlane:
 
     def node_states(self) -> dict[str, dict[str, Any]]:
         """node_id -> {donor_id, state, reliability, reachable}: what Serve's routers rank by."""
-        return self.registry.node_states()
+        with self.metrics.placement_timer("node_states"):
+            return self.registry.node_states()
 
     def placement_view(self) -> FleetView:
         """The active donors, for ``dgpt.placement.options`` in drivers (no standby columns)."""
-        view = self.registry.fleet_view()
-        return FleetView(now_s=view.now_s, active=view.active)
+        with self.metrics.placement_timer("placement_view"):
+            view = self.registry.fleet_view()
+            return FleetView(now_s=view.now_s, active=view.active, spare_owners=view.best_spare_owners())
+
+    def void_credit(self, donor_id: str, start_at: float, end_at: float, reason: str) -> dict[str, Any]:
+        """Take back the credit of a donor's work in ``[start_at, end_at]`` (its result failed verification)."""
+        return self.credit.void(donor_id, start_at, end_at, reason).model_dump()
+
+    def trust_records(self, donor_ids: list[str]) -> dict[str, Any]:
+        """Donors' verification records (``dgpt.verify.trust.TrustBook.records``)."""
+        return self.trust.records(donor_ids)
+
+    def record_trust(self, outcomes: list[Any]) -> list[Any]:
+        """Fold verification outcomes into the donors' trust (``TrustBook.record``).
+
+        Any Ray token holder can call this, so outcomes naming donors this head does not
+        know are refused whole: nothing is recorded for them.
+        """
+        from dgpt.verify.trust import DonorOutcome
+
+        if not all(isinstance(o, DonorOutcome) for o in outcomes):
+            raise InvalidRequest("record_trust takes dgpt.verify.trust.DonorOutcome values", 422)
+        unknown = {o.donor_id for o in outcomes} - self.registry.known_donors({o.donor_id for o in outcomes})
+        if unknown:
+            raise NotFound(f"no donors {', '.join(sorted(unknown))}: their outcomes were not recorded", 404)
+        return self.trust.record(outcomes)
+
+    def record_verification(self, outcome: str) -> None:
+        """Count a verified result in ``dgpt_verification_outcomes_total`` (see dgpt.head.metrics)."""
+        self.metrics.record_verification(outcome)
+
+    def report_durability_margin(self, margin: float) -> None:
+        """The storage tier's durability margin, for ``dgpt_storage_durability_margin``."""
+        self.metrics.durability_margin(lambda: margin)
+
+    def training_fleet(self) -> tuple[FleetView, int, int]:
+        """The whole fleet (active, activating, standby) and the fleet's (lost, ended) session
+        counts: what ``dgpt.train`` plans a run on. Called once per run, so paging through
+        every donor for the counts is affordable."""
+        lost = ended = 0
+        cursor: str | None = None
+        while True:
+            page, cursor, _ = self.registry.list_donors(after=cursor, limit=1000, max_sessions=0)
+            for d in page:
+                lost += d.sessions_lost
+                ended += d.sessions_total - (1 if d.node_id else 0)
+            if cursor is None:
+                break
+        return self.registry.fleet_view(), lost, max(ended, lost)
+
+    def storage_call(self, method: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
+        """One metadata call of the storage tier (``dgpt.storage.rpc``): ``("ok", answer)`` or
+        ``("error", exception)``. ``DonorFileSystem()`` in Ray tasks and drivers comes here."""
+        return self.storage.call_as_value(method, kwargs)
 
     def autoscaler_status(self) -> dict[str, Any]:
         return self.autoscaler.status(self.bounds)

@@ -34,6 +34,8 @@ from dgpt.processes import (
 )
 from dgpt.sdk.client import Client
 
+#: Disk each simulated donor offers the storage tier: room for a demo's data set in pieces.
+LOCAL_DISK_GB = 2.0
 
 @dataclass(frozen=True)
 class DonorSpec:
@@ -50,6 +52,13 @@ class DonorSpec:
     memory_gb: float
     port_base: int = 0
     worker_ports: str = ""
+    # Simulated donors share one machine: each other's load is not an owner coming back, so
+    # their load detector is off unless a threshold is given.
+    load_threshold: str = "off"
+    # Disk offered to the storage tier (its piece server listens on port_base + 9).
+    disk_gb: float = LOCAL_DISK_GB
+    # A verification drill on this donor (DGPT_FAULT_INJECT, dgpt/verify/fault.py); "" for none.
+    fault_inject: str = ""
 
 
 # Three classes of very different size, so placement and status show heterogeneity.
@@ -112,10 +121,16 @@ def private_settings(home: Path, **overrides: Any) -> Settings:
     import random
 
     workers_lo = random.randrange(10002, 19999 - 1700)
-    defaults = {"home": home, "ray_port": free_port(), "dashboard_port": free_port(), "http_port": free_port(),
-                "api_port": free_port(), "node_ip": "127.0.0.1", "http_host": "127.0.0.1",
-                "ray_node_port_base": _free_block(PORT_BLOCK_STRIDE * (MAX_LOCAL_DONORS + 1)),
-                "ray_worker_ports": f"{workers_lo}-{workers_lo + 1699}"}
+    block_size = PORT_BLOCK_STRIDE * (MAX_LOCAL_DONORS + 1)
+    base = _free_block(block_size)
+    ports: list[int] = []
+    while len(ports) < 5:  # the head's own ports: free, distinct, and outside the node-port block
+        port = free_port()
+        if port not in ports and not base <= port < base + block_size:
+            ports.append(port)
+    defaults = {"home": home, "ray_port": ports[0], "dashboard_port": ports[1], "http_port": ports[2],
+                "api_port": ports[3], "metrics_port": ports[4], "node_ip": "127.0.0.1", "http_host": "127.0.0.1",
+                "ray_node_port_base": base, "ray_worker_ports": f"{workers_lo}-{workers_lo + 1699}"}
     return load_settings({**defaults, **overrides}, env={})
 
 
@@ -129,7 +144,9 @@ def api_client(settings: Settings) -> Client:
     key_file = head_paths(settings.home)["api_key"]
     if key is None and key_file.is_file():
         key = key_file.read_text().strip()
-    return Client(settings.local_head_url, key)
+    from dgpt.tls import head_trust
+
+    return Client(settings.local_head_url, key, trust=head_trust(settings))
 
 
 def donor_argv(settings: Settings, spec: DonorSpec, token_file: Path) -> list[str]:
@@ -146,15 +163,18 @@ def donor_argv(settings: Settings, spec: DonorSpec, token_file: Path) -> list[st
         "--ray-temp-dir", str(ray_temp_dir(settings.home, spec.name)),
         "--ray-port-base", str(spec.port_base),
         "--worker-ports", spec.worker_ports,
-        # Simulated donors share one machine: each other's load is not an owner coming back.
-        "--load-threshold", "off",
+        "--load-threshold", spec.load_threshold,
+        *(["--disk-gb", f"{spec.disk_gb:g}"] if spec.disk_gb > 0 else []),
     ]
 
 
 def start_donor(settings: Settings, spec: DonorSpec) -> int:
     token_file = head_paths(settings.home)["dir"] / "join_token"
     log = settings.home / "logs" / f"{spec.name}.log"
-    return spawn_detached(donor_argv(settings, spec, token_file), log, settings_env(settings))
+    env = settings_env(settings)
+    if spec.fault_inject:
+        env["DGPT_FAULT_INJECT"] = spec.fault_inject
+    return spawn_detached(donor_argv(settings, spec, token_file), log, env)
 
 
 def up(settings: Settings, n_donors: int, progress: Callable[[str, float], None] | None = None,
@@ -228,8 +248,10 @@ def up(settings: Settings, n_donors: int, progress: Callable[[str, float], None]
     return {"head": head, "donors": record["donors"]}
 
 
-def restart_donor(settings: Settings, name: str) -> int:
+def restart_donor(settings: Settings, name: str, **changes: Any) -> int:
     """Start a simulated donor's agent again after it left or died; it rejoins with its donor id.
+
+    ``changes`` replace fields of its :class:`DonorSpec` from now on (e.g. ``load_threshold``).
 
     Raises:
         FabricError: no fabric runs here, no such donor, or its agent still runs.
@@ -243,7 +265,9 @@ def restart_donor(settings: Settings, name: str) -> int:
         raise FabricError(f"the fabric has no donor {name!r}", hint=f"its donors: {known}")
     if alive(entry.get("pid")):
         raise FabricError(f"donor {name} still runs (pid {entry['pid']})", hint=f"`dgpt donor leave --donor-id {name}` first")
-    entry["pid"] = start_donor(settings, DonorSpec(**entry["spec"]))
+    spec = replace(DonorSpec(**entry["spec"]), **changes)
+    entry["spec"] = asdict(spec)
+    entry["pid"] = start_donor(settings, spec)
     write_json(fabric_file(settings), record)
     return int(entry["pid"])
 

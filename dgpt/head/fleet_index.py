@@ -42,6 +42,7 @@ class FleetIndex:
         self._size = 0
         # Owner codes only grow and never change meaning, so views may share the mapping.
         self._owner_codes: dict[str, int] = {}
+        self._owner_names: list[str] = []
         self._alloc(_INITIAL_SLOTS)
 
     def _alloc(self, n: int) -> None:
@@ -64,6 +65,7 @@ class FleetIndex:
         self._owner = grow(getattr(self, "_owner", None), np.int64, 0)
         self._ids = grow(getattr(self, "_ids", None), object, "")
         self._labels = grow(getattr(self, "_labels", None), object, None)
+        self._relayed = grow(getattr(self, "_relayed", None), np.float64, 0.0)
 
     # ------------------------------------------------------------ updates
 
@@ -127,9 +129,14 @@ class FleetIndex:
         self._shape[slot] = params.shape
         self._scale[slot] = params.scale_s
         self._since[slot] = d.since_s
-        self._owner[slot] = self._owner_codes.setdefault(d.owner, len(self._owner_codes))
+        code = self._owner_codes.get(d.owner)
+        if code is None:
+            code = self._owner_codes[d.owner] = len(self._owner_names)
+            self._owner_names.append(d.owner)
+        self._owner[slot] = code
         self._ids[slot] = d.donor_id
         self._labels[slot] = d.labels
+        self._relayed[slot] = float(d.relayed)
 
     # ------------------------------------------------------------ reads
 
@@ -162,6 +169,8 @@ class FleetIndex:
             gpu_usable=usable[gpus > 0],
             labels=cast(Sequence[Mapping[str, str]], self._labels[sel]),
             owner_index=self._owner_codes,
+            owner_names=self._owner_names,
+            relayed=self._relayed[sel],
         )
         activating = tuple(d for d, deadline in self._activating.values() if deadline >= now)
         return FleetView(now_s=now, active=tuple(self._active.values()), activating=activating, standby=standby)

@@ -1,7 +1,7 @@
 """The donor lifecycle as a pure transition function: (lifecycle, event, now) -> outcome.
 
 DESIGN.md's state machine, ``registered -> standby -> activating -> active -> draining ->
-standby | gone``, driven by seven events:
+standby | gone``, driven by nine events:
 
 =================  ===========================================================================
 event              who sends it
@@ -10,6 +10,8 @@ Registered         the donor agent registers (or registers again after a restart
 Heartbeat          the agent reports its raylet (standby | starting | active | draining)
 TargetSet          the autoscaler wants the donor in the cluster or out of it
 LeaveRequested     the donor, an operator or the autoscaler drains it
+Paused             the donor's owner (its secret) or an operator pauses it on the head
+Resumed            the same, resuming it
 NodeAlive          the monitor saw the donor's Ray node alive in Ray's node table
 NodeDead           the monitor saw that node dead
 Silent             the monitor saw no heartbeat for longer than the donor's timeout
@@ -21,13 +23,26 @@ ACTIVE or DRAINING). A session opens when its node is first seen alive and close
 reports its raylet gone, the donor falls silent, or a new node replaces it. The outcome
 says which session to open or close, what to answer a heartbeat, and which node to drain;
 the registry applies it (SQLite, DrainNode). Nothing here does I/O.
+
+A donor paused on the head drains (reason ``paused``, so its session ends ``drained``), and
+stays out of Ray until it is resumed: its target is held at standby and the autoscaler's
+``TargetSet(active)`` changes nothing. The pause is part of the stored record, so it
+survives re-registration and a head restart.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from dgpt.contract import AgentState, DonorState, HeartbeatAction, LeaveReason, SessionEnd, Target
+from dgpt.contract import (
+    AgentState,
+    DonorState,
+    HeartbeatAction,
+    LeaveReason,
+    PausedBy,
+    SessionEnd,
+    Target,
+)
 
 _RUNNING_WITH_NODE = frozenset({DonorState.ACTIVE, DonorState.DRAINING})
 
@@ -37,7 +52,8 @@ class Lifecycle:
     """The lifecycle part of a donor's record.
 
     ``node_id`` is the Ray node of its open session (None when no session is open);
-    ``drain_deadline_at`` is when a drain in progress must be over (epoch seconds).
+    ``drain_deadline_at`` is when a drain in progress must be over (epoch seconds);
+    ``paused_by`` who paused it on the head, since ``paused_at`` (None: not paused).
     """
 
     state: DonorState = DonorState.REGISTERED
@@ -46,6 +62,12 @@ class Lifecycle:
     drain_reason: str | None = None
     drain_deadline_at: float | None = None
     owner_active: bool = False
+    paused_by: PausedBy | None = None
+    paused_at: float | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_by is not None
 
 
 # ---------------------------------------------------------------- events
@@ -75,6 +97,16 @@ class LeaveRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class Paused:
+    by: PausedBy
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
 class NodeAlive:
     node_id: str
 
@@ -89,8 +121,9 @@ class Silent:
     timeout_s: float
 
 
-Event = Registered | Heartbeat | TargetSet | LeaveRequested | NodeAlive | NodeDead | Silent
-EVENT_TYPES: tuple[type, ...] = (Registered, Heartbeat, TargetSet, LeaveRequested, NodeAlive, NodeDead, Silent)
+Event = Registered | Heartbeat | TargetSet | LeaveRequested | Paused | Resumed | NodeAlive | NodeDead | Silent
+EVENT_TYPES: tuple[type, ...] = (Registered, Heartbeat, TargetSet, LeaveRequested, Paused, Resumed, NodeAlive,
+                                 NodeDead, Silent)
 
 # ---------------------------------------------------------------- outcome
 
@@ -128,6 +161,11 @@ class Outcome:
         return bool(self.change)
 
 
+def paused_reason(by: PausedBy) -> str:
+    """What a paused donor's heartbeats are answered (the agent logs it)."""
+    return f"paused on the head by {'its owner' if by is PausedBy.DONOR else 'an operator'}: resume it to donate again"
+
+
 def _close(lc: Lifecycle, why_lost: str) -> Closed:
     """How the open session of ``lc`` ends: drained if it was draining, else lost."""
     if lc.state is DonorState.DRAINING:
@@ -163,9 +201,23 @@ def step(lc: Lifecycle, event: Event, now: float, drain_deadline_s: float) -> Ou
             return Outcome(_out_of_cluster(lc, DonorState.REGISTERED), change="registered again")
         return Outcome(lc)
     if isinstance(event, TargetSet):
-        if event.target is lc.target:
-            return Outcome(lc)
+        if event.target is lc.target or (lc.paused and event.target is Target.ACTIVE):
+            return Outcome(lc)  # a paused donor stays out whatever the autoscaler wants
         return Outcome(replace(lc, target=event.target), change=f"target {event.target.value}")
+    if isinstance(event, Paused):
+        if lc.paused:
+            return Outcome(lc)  # the first pause stands
+        paused = replace(lc, target=Target.STANDBY, paused_by=event.by, paused_at=now)
+        if not lc.state.running or lc.state is DonorState.DRAINING:
+            return Outcome(paused, change=f"paused by {event.by.value}")
+        new = replace(paused, state=DonorState.DRAINING, drain_reason=LeaveReason.PAUSED.value,
+                      drain_deadline_at=now + drain_deadline_s)
+        return Outcome(new, drain_node=lc.node_id, change=f"paused by {event.by.value}: draining")
+    if isinstance(event, Resumed):
+        if not lc.paused:
+            return Outcome(lc)
+        # Its target stays standby: the autoscaler activates it when demand needs it.
+        return Outcome(replace(lc, paused_by=None, paused_at=None), change="resumed")
     if isinstance(event, LeaveRequested):
         if not lc.state.running:
             return Outcome(lc)  # not running: nothing to drain; it simply stays out
@@ -213,7 +265,7 @@ def _heartbeat(lc: Lifecycle, hb: Heartbeat, now: float, drain_deadline_s: float
             # The agent says its raylet is gone: close what was open.
             closed = _close(lc, "the agent reported its raylet stopped")
             change = closed.how.value
-        wants_in = lc.target is Target.ACTIVE and not hb.owner_active
+        wants_in = lc.target is Target.ACTIVE and not hb.owner_active and not lc.paused
         state = DonorState.ACTIVATING if wants_in else DonorState.STANDBY
         if state is not lc.state:
             change = change or state.value
@@ -222,6 +274,9 @@ def _heartbeat(lc: Lifecycle, hb: Heartbeat, now: float, drain_deadline_s: float
             return Outcome(new, reply=owner_reply, closed=closed, change=change)
         if wants_in:
             return Outcome(new, reply=Reply(HeartbeatAction.ACTIVATE, "activated"), closed=closed, change=change)
+        if lc.paused_by is not None:
+            return Outcome(new, reply=Reply(HeartbeatAction.STANDBY, paused_reason(lc.paused_by)), closed=closed,
+                           change=change)
         return Outcome(new, reply=Reply(HeartbeatAction.STANDBY, "standby"), closed=closed, change=change)
     if hb.agent is AgentState.DRAINING:
         if lc.state in (DonorState.ACTIVE, DonorState.ACTIVATING):
@@ -235,6 +290,12 @@ def _heartbeat(lc: Lifecycle, hb: Heartbeat, now: float, drain_deadline_s: float
         return Outcome(lc, reply=Reply(HeartbeatAction.DRAIN, lc.drain_reason or "drain requested by the head", left))
     if hb.owner_active:
         return Outcome(lc, reply=owner_reply)
+    if lc.paused:
+        # A raylet runs although it was paused (it was starting, or the head restarted).
+        new = replace(lc, state=DonorState.DRAINING, drain_reason=LeaveReason.PAUSED.value,
+                      drain_deadline_at=now + drain_deadline_s)
+        return Outcome(new, reply=Reply(HeartbeatAction.DRAIN, LeaveReason.PAUSED.value, drain_deadline_s),
+                       change="draining (paused)")
     if lc.target is Target.STANDBY:
         new = replace(lc, state=DonorState.DRAINING, drain_reason=LeaveReason.AUTOSCALER.value,
                       drain_deadline_at=now + drain_deadline_s)

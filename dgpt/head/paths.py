@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from dgpt.tls import tls_folder
+
 
 def head_paths(home: Path) -> dict[str, Path]:
     """The head's files: SQLite, secrets, pid and address files, its log."""
@@ -17,6 +19,14 @@ def head_paths(home: Path) -> dict[str, Path]:
         "pid": head / "head.pid",
         "info": head / "head.json",
         "log": home / "logs" / "head.log",
+        # The overlay (dgpt.overlay): the head's WireGuard key, its grants, wireguard-go's log.
+        "overlay_key": head / "overlay.key",
+        "overlay_db": head / "overlay.sqlite",
+        "overlay_log": home / "logs" / "wireguard.log",
+        # The storage tier's metadata (dgpt.head.storage_tier): SQLite and the cluster secret.
+        "storage": head / "storage",
+        # The API's TLS certificate and key when the head made them (dgpt.tls).
+        "tls": tls_folder(home),
     }
 
 

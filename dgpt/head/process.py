@@ -2,7 +2,8 @@
 
 `dgpt head start` spawns a supervisor (``python -m dgpt.head.process``) in its own session.
 The supervisor runs ``ray start --head --block`` as its child (Ray's processes die with that
-child), starts the control-plane actor (registry, REST API, autoscaler) pinned to the head
+child), brings up the overlay's WireGuard interface first when ``overlay_enabled`` (it
+must outlive any restart of the control-plane actor), starts the control-plane actor (registry, REST API, autoscaler) pinned to the head
 node and Serve's proxy, writes ``head.json`` and then waits. SIGTERM to the supervisor stops
 the whole head; `dgpt head stop` does that.
 """
@@ -13,6 +14,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,11 +41,15 @@ from dgpt.processes import (
     write_secret,
 )
 from dgpt.ray_node import NodePorts, NodeSpec, head_argv
+from dgpt.tls import ensure_certificate, head_fingerprint, head_trust
 
 #: How long the head's Ray processes get to exit on stop before SIGKILL.
 HEAD_STOP_GRACE_S = 5.0
 # Settings a running head records in head.json so later commands find it with DGPT_HOME alone.
-RUNTIME_KEYS = ("ray_port", "dashboard_port", "http_port", "api_port", "node_ip")
+#: What a running head records in head.json for later commands of this DGPT_HOME: its ports,
+#: its address, and how its API speaks (plain HTTP on loopback, or HTTPS and with which certificate).
+RUNTIME_KEYS = ("ray_port", "dashboard_port", "http_port", "api_port", "metrics_port", "node_ip", "http_host", "tls",
+                "tls_cert_file", "tls_key_file")
 
 
 def ray_env(token_path: Path, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -79,6 +85,8 @@ def head_addresses(settings: Settings) -> dict[str, str]:
         "dashboard_url": f"http://{host}:{settings.dashboard_port}",
         "api_url": settings.api_url,
         "serve_url": settings.serve_url,
+        # What donors and clients on other machines pin (join tokens carry it).
+        **({"api_fingerprint": pin} if (pin := head_fingerprint(settings)) else {}),
     }
 
 
@@ -96,11 +104,20 @@ def shell_env(settings: Settings) -> dict[str, str]:
         "RAY_AUTH_TOKEN_PATH": str(paths["ray_token"]),
         "DGPT_HOME": str(settings.home),
         "DGPT_HEAD_URL": settings.local_head_url,
+        **({"DGPT_HEAD_FINGERPRINT": pin} if (pin := head_fingerprint(settings)) else {}),
     }
 
 
 def prepare_state(settings: Settings) -> dict[str, Path]:
-    """Create the head's state folder and its secrets (kept across restarts)."""
+    """Create the head's state folder and its secrets (kept across restarts).
+
+    Raises:
+        FabricError: the settings carry a donor's fault-injection drill.
+    """
+    if settings.fault_inject:
+        # The head reruns disputed work: its answers settle disputes, so it never lies.
+        raise FabricError(f"DGPT_FAULT_INJECT={settings.fault_inject} is a drill for donors, not the head",
+                          hint="unset DGPT_FAULT_INJECT where the head starts; set it for one donor's agent")
     paths = head_paths(settings.home)
     paths["dir"].mkdir(parents=True, exist_ok=True)
     paths["log"].parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +125,8 @@ def prepare_state(settings: Settings) -> dict[str, Path]:
         write_secret(paths["ray_token"], secrets.token_hex(32))
     if not paths["api_key"].is_file():
         write_secret(paths["api_key"], f"dgpt_api_{secrets.token_urlsafe(24)}")
+    if settings.tls_enabled and settings.tls_cert_file is None:
+        ensure_certificate(paths["tls"], [settings.node_ip or "", socket.gethostname(), "127.0.0.1"])
     return paths
 
 
@@ -120,6 +139,17 @@ def ray_head_argv(settings: Settings) -> list[str]:
     return head_argv(spec, settings.ray_port, dashboard_host, settings.dashboard_port)
 
 
+def _start_training_support(settings: Settings) -> None:
+    """The head's checkpoint store and Ray Train's donor-aware coordinator (dgpt.train)."""
+    from dgpt.train.coordinator import start_coordinator
+    from dgpt.train.storage import start_head_store
+
+    start_head_store(settings)
+    kind = start_coordinator()
+    if kind != "donor-aware":
+        print(f"warning: elastic training uses Ray's {kind} autoscaling coordinator", file=sys.stderr, flush=True)
+
+
 def _bootstrap(settings: Settings) -> None:
     """The control-plane actor, pinned to this (the head) node, and Serve's proxy."""
     import ray
@@ -130,6 +160,8 @@ def _bootstrap(settings: Settings) -> None:
 
     gcs = f"{settings.node_ip or '127.0.0.1'}:{settings.ray_port}"
     ray.init(address=gcs, namespace=contract.NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+    serve.start(http_options={"host": settings.http_host, "port": settings.http_port, "location": "HeadOnly"})
+    restore_serve(settings)
     # Pinned by node identity, not by a custom resource any raylet could advertise.
     head_node = ray.get_runtime_context().get_node_id()
     actor: Any = ray.remote(ControlPlane).options(  # type: ignore[attr-defined]
@@ -144,8 +176,43 @@ def _bootstrap(settings: Settings) -> None:
         scheduling_strategy=NodeAffinitySchedulingStrategy(head_node, soft=False),
     ).remote(settings.model_dump_json())
     ray.get(actor.ping.remote(), timeout=120)
-    serve.start(http_options={"host": settings.http_host, "port": settings.http_port, "location": "HeadOnly"})
+    _start_training_support(settings)
     ray.shutdown()
+
+
+def restore_serve(settings: Settings, timeout_s: float = 60.0) -> int:
+    """Re-apply the Serve applications the registry recorded, on a head that runs none.
+
+    Before the control plane starts (it records what Serve runs every few seconds), so the
+    record of a head that was stopped with apps deployed is not overwritten by an empty one.
+    Returns how many applications were re-applied.
+    """
+    from dgpt.exceptions import ServeError
+    from dgpt.head.dashboard import Dashboard, deployed_apps, serve_body
+    from dgpt.head.store import RegistryStore
+
+    store = RegistryStore(head_paths(settings.home)["db"])
+    try:
+        apps = store.serve_apps()
+    finally:
+        store.close()
+    if not apps:
+        return 0
+    dashboard = Dashboard.of(settings)
+    deadline = time.monotonic() + timeout_s
+    while True:  # the dashboard's Serve module answers a few seconds after the head starts
+        try:
+            if deployed_apps(dashboard.serve_details()):
+                return 0  # Serve already runs config apps: nothing to restore
+            dashboard.put_serve(serve_body(settings, apps))
+            print(f"re-applied {len(apps)} Serve application(s): {', '.join(a.get('name', '?') for a in apps)}",
+                  flush=True)
+            return len(apps)
+        except ServeError as exc:
+            if time.monotonic() > deadline:
+                print(f"warning: could not re-apply the recorded Serve applications: {exc}", flush=True)
+                return 0
+            time.sleep(1.0)
 
 
 def advertised(settings: Settings) -> Settings:
@@ -169,11 +236,27 @@ def run_supervisor(settings: Settings) -> int:
             print(f"error: port {port} ({name}) is already in use; pick another with {name}=...", file=sys.stderr)
             return 2
     env = ray_env(paths["ray_token"])
+    env.update(NodePorts(settings.ray_node_port_base, settings.ray_worker_ports).head_env())
     # Nothing to drain on the head itself: its work is the control plane, stopped with it.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_USAGE_STATS_ENABLED")})
     os.environ.pop("RAY_ADDRESS", None)
+    hub = None
+    if settings.overlay_enabled:
+        from dgpt.exceptions import OverlayError
+        from dgpt.overlay.hub import OverlayHub
+
+        hub = OverlayHub(settings, paths["overlay_key"], paths["overlay_log"])
+        try:
+            hub.up()
+        except OverlayError as exc:
+            print(f"error: {exc.message}" + (f"\n  -> {exc.hint}" if exc.hint else ""), file=sys.stderr, flush=True)
+            return 2
     ray_log = paths["log"].with_name("ray-head.log")
+    # The last head's record of its address. `ray start --head` refuses to start when that
+    # address equals its own and a raylet on this machine still names it (`--gcs-address`):
+    # a donor on the head's machine waiting for its head to come back is such a raylet.
+    (ray_temp_dir(settings.home) / "ray_current_cluster").unlink(missing_ok=True)
     with open(ray_log, "ab") as log:
         ray_proc = subprocess.Popen(ray_head_argv(settings), stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -190,7 +273,9 @@ def run_supervisor(settings: Settings) -> int:
         if not wait_until(lambda: port_in_use(settings.ray_port, ip) or ray_proc.poll() is not None, 120):
             raise FabricError("the Ray head did not open its port within 120 s", hint=f"see {ray_log}")
         if ray_proc.poll() is not None:
-            raise FabricError(f"`ray start --head` exited with code {ray_proc.returncode}", hint=f"see {ray_log}")
+            tail = ray_log.read_text(errors="replace").splitlines()[-12:] if ray_log.is_file() else []
+            raise FabricError(f"`ray start --head` exited with code {ray_proc.returncode}:\n  " + "\n  ".join(tail),
+                              hint=f"see {ray_log}")
         _bootstrap(settings)
         # ray.init() installed its own SIGTERM handler (a bare sys.exit): ours again, so a
         # stop always runs the clean-up below.
@@ -211,8 +296,11 @@ def run_supervisor(settings: Settings) -> int:
         # Nothing on the head needs draining (every record is committed as it happens), so
         # `ray start` and its processes, and orphans adopted from it (we are their
         # subreaper), share one short grace period before SIGKILL.
-        stop_trees([ray_proc.pid, *(c.pid for c in psutil.Process().children() if c.pid != ray_proc.pid)],
+        stop_trees([ray_proc.pid, *(c.pid for c in psutil.Process().children()
+                                    if c.pid != ray_proc.pid and (hub is None or c.pid != hub.pid))],
                    grace_s=HEAD_STOP_GRACE_S)
+        if hub is not None:
+            hub.down()  # after Ray: donors' raylets see the head go, not a network cut first
         paths["info"].unlink(missing_ok=True)
 
 
@@ -241,6 +329,7 @@ def start_head(settings: Settings, timeout_s: float = 180.0, on_wait: Any = None
     pid = spawn_detached([sys.executable, "-m", "dgpt.head.process"], paths["log"], settings_env(settings))
     write_json(paths["pid"], {"pid": pid})
     health = f"{settings.api_url}/health"
+    trust = head_trust(settings)
 
     def ready() -> bool:
         if not alive(pid):
@@ -248,7 +337,7 @@ def start_head(settings: Settings, timeout_s: float = 180.0, on_wait: Any = None
         if not paths["info"].is_file():  # written once everything is up; later commands read it
             return False
         try:
-            return httpx.get(health, timeout=2).status_code == 200
+            return httpx.get(health, timeout=2, verify=trust.verify()).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -30,6 +30,10 @@ class RayNode:
     node_ip: str
     is_head: bool
     death_reason: str = ""
+    # Where its Ray metrics are exported for Prometheus (0: not known).
+    metrics_export_port: int = 0
+    # When its raylet registered with the GCS (ms since the epoch; 0: not known).
+    started_ms: int = 0
 
     @property
     def donor_id(self) -> str | None:
@@ -48,13 +52,20 @@ class NodeUsage:
 
 
 def _selector(request: Any) -> dict[str, str]:
-    """Equality label constraints of a request (``key in {one value}``); others are not demand shapes."""
+    """A request's label constraints in Ray's selector syntax (``v``, ``in(a, b)``, ``!v``, ``!in(a, b)``).
+
+    Ray Train's elastic runs ask for their workers with ``donor-id in(...)`` of the donors
+    chosen for them; the autoscaler matches these against standby donors' labels.
+    """
     out: dict[str, str] = {}
     for selector in getattr(request, "label_selectors", ()):
         for c in selector.label_constraints:
             op = c.DESCRIPTOR.fields_by_name["operator"].enum_type.values_by_number[c.operator].name
-            if op.endswith("_IN") and not op.endswith("NOT_IN") and len(c.label_values) == 1:
-                out[c.label_key] = c.label_values[0]
+            values = sorted(c.label_values)
+            if not values or not op.endswith("_IN"):
+                continue
+            body = values[0] if len(values) == 1 else f"in({', '.join(values)})"
+            out[c.label_key] = f"!{body}" if op.endswith("NOT_IN") else body
     return out
 
 
@@ -111,6 +122,8 @@ class RayAdapter:
                     node_ip=info.node_manager_address,
                     is_head=bool(info.is_head_node),
                     death_reason=death,
+                    metrics_export_port=int(info.metrics_export_port),
+                    started_ms=int(info.start_time_ms),
                 )
             )
         return out

@@ -1,4 +1,4 @@
-"""The registry's SQLite database: donors, sessions and tokens. Storage only.
+"""The registry's SQLite database: donors, sessions, tokens and the credit ledger. Storage only.
 
 Plain Python over one SQLite file in WAL mode; every public method is one transaction, so a
 failed request leaves nothing half-written. The lifecycle rules live in
@@ -16,16 +16,20 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from dgpt.contract import DonorState, SessionEnd, Target
+from dgpt.contract import DonorState, PausedBy, SessionEnd, Target
+from dgpt.credit.chain import Tip, row_hash
 from dgpt.exceptions import AuthError, NotFound
 from dgpt.head.lifecycle import Closed, Lifecycle
 from dgpt.sdk.models import DeviceProfile, DonorCaps, SessionView, TokenView
+from dgpt.sqlite import connect as sqlite_connect
+from dgpt.sqlite import immediate as sqlite_tx
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -65,6 +69,36 @@ CREATE TABLE IF NOT EXISTS sessions (
     ended_as TEXT CHECK (ended_as IN ('drained', 'lost')),
     end_reason TEXT
 );
+CREATE TABLE IF NOT EXISTS serve_config (
+    key TEXT PRIMARY KEY,
+    config_json TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+-- Append-only, hash-chained (dgpt.credit.chain): rows are never updated or deleted.
+CREATE TABLE IF NOT EXISTS credit_ledger (
+    seq INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('credit', 'void')),
+    donor_id TEXT NOT NULL,
+    session_id INTEGER,
+    node_id TEXT,
+    start_at REAL NOT NULL,
+    end_at REAL NOT NULL,
+    cpu_s REAL NOT NULL,
+    gpu_s REAL NOT NULL,
+    memory_byte_s REAL NOT NULL,
+    w_cpu REAL NOT NULL,
+    w_gpu REAL NOT NULL,
+    w_memory REAL NOT NULL,
+    credit REAL NOT NULL,
+    voids_seq INTEGER,
+    reason TEXT,
+    recorded_at REAL NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS credit_by_donor ON credit_ledger(donor_id, seq);
+-- Credit over time (the operator page's plot) reads a recent window of the ledger.
+CREATE INDEX IF NOT EXISTS credit_by_end ON credit_ledger(end_at);
 CREATE INDEX IF NOT EXISTS sessions_by_donor ON sessions(donor_id, session_id);
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_session ON sessions(donor_id) WHERE ended_at IS NULL;
 """
@@ -74,6 +108,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_open_session ON sessions(donor_id) WHERE e
 _ADDED_COLUMNS = (
     ("donors", "node_ip", "TEXT"),
     ("donors", "ray_ports_json", "TEXT NOT NULL DEFAULT '[]'"),
+    # Paused on the head: by whom (donor | operator), since when; NULL: not paused.
+    ("donors", "paused_by", "TEXT"),
+    ("donors", "paused_at", "REAL"),
 )
 
 
@@ -108,9 +145,7 @@ class RegistryStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = sqlite_connect(self.path)
         # NORMAL in WAL mode: a commit survives a process crash (the WAL is written); only a
         # power cut can lose the last commits, never corrupt the file.
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -128,17 +163,8 @@ class RegistryStore:
         with self._lock:
             self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
-                self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite_tx(self._db, self._lock)
 
     # ---------------------------------------------------------------- tokens
 
@@ -214,8 +240,8 @@ class RegistryStore:
             db.execute(
                 """INSERT INTO donors(donor_id, secret_hash, name, device_class, owner, profile_json, caps_json,
                        labels_json, state, target, node_id, owner_active, drain_reason, drain_deadline_at,
-                       registered_at, last_heartbeat_at, token_id, node_ip, ray_ports_json)
-                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                       registered_at, last_heartbeat_at, token_id, node_ip, ray_ports_json, paused_by, paused_at)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                    ON CONFLICT(donor_id) DO UPDATE SET
                        name=excluded.name, device_class=excluded.device_class, owner=excluded.owner,
                        profile_json=excluded.profile_json, caps_json=excluded.caps_json,
@@ -223,11 +249,13 @@ class RegistryStore:
                        node_id=excluded.node_id, owner_active=excluded.owner_active,
                        drain_reason=excluded.drain_reason, drain_deadline_at=excluded.drain_deadline_at,
                        last_heartbeat_at=excluded.last_heartbeat_at, token_id=excluded.token_id,
-                       node_ip=excluded.node_ip, ray_ports_json=excluded.ray_ports_json""",
+                       node_ip=excluded.node_ip, ray_ports_json=excluded.ray_ports_json,
+                       paused_by=excluded.paused_by, paused_at=excluded.paused_at""",
                 (row.donor_id, row.secret_hash, row.name, row.device_class, row.owner, row.profile.model_dump_json(),
                  row.caps.model_dump_json(), json.dumps(row.labels), lc.state.value, lc.target.value, lc.node_id,
                  int(lc.owner_active), lc.drain_reason, lc.drain_deadline_at, row.registered_at,
-                 row.last_heartbeat_at, row.token_id, row.node_ip, json.dumps(list(row.ray_ports))),
+                 row.last_heartbeat_at, row.token_id, row.node_ip, json.dumps(list(row.ray_ports)),
+                 lc.paused_by.value if lc.paused_by else None, lc.paused_at),
             )
 
     def apply(self, donor_id: str, lc: Lifecycle, now: float, closed: Closed | None = None,
@@ -242,9 +270,9 @@ class RegistryStore:
         with self._tx() as db:
             cur = db.execute(
                 """UPDATE donors SET state=?, target=?, node_id=?, owner_active=?, drain_reason=?,
-                       drain_deadline_at=? WHERE donor_id=?""",
+                       drain_deadline_at=?, paused_by=?, paused_at=? WHERE donor_id=?""",
                 (lc.state.value, lc.target.value, lc.node_id, int(lc.owner_active), lc.drain_reason,
-                 lc.drain_deadline_at, donor_id),
+                 lc.drain_deadline_at, lc.paused_by.value if lc.paused_by else None, lc.paused_at, donor_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"no donor {donor_id!r}", 404, hint="list donors with `dgpt donor list`")
@@ -308,6 +336,13 @@ class RegistryStore:
             rows = self._db.execute(query, args).fetchall()
         return [(r["donor_id"], _session(r)) for r in reversed(rows)]
 
+    def ended_sessions(self, limit: int) -> list[tuple[str, SessionView]]:
+        """The last ``limit`` sessions that ended, of any donor, by session id (loaded once, at start)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM sessions WHERE ended_at IS NOT NULL ORDER BY session_id DESC LIMIT ?",
+                                    (limit,)).fetchall()
+        return [(r["donor_id"], _session(r)) for r in reversed(rows)]
+
     def record_session(self, donor_id: str, started_at: float, ended_at: float, ended_as: SessionEnd,
                        node_id: str | None = None, reason: str = "imported") -> SessionView:
         """Insert a finished session (imports of history; tests seed reliability with it)."""
@@ -323,6 +358,83 @@ class RegistryStore:
         return SessionView(session_id=int(cur.lastrowid or 0), node_id=node_id, started_at=started_at,
                            ended_at=ended_at, ended_as=SessionEnd(ended_as), end_reason=reason)
 
+    # ---------------------------------------------------------------- credit ledger
+
+    def append_credit(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Append rows to the credit ledger in one transaction, each chained to the one before.
+
+        Each row has every column of ``dgpt.credit.chain.HASHED`` but ``seq`` and ``prev_hash``;
+        they are given here, from the recorded tip (not the last row: rows removed from the
+        end must not be papered over by the next append). Returns the rows as stored.
+        """
+        out: list[dict[str, Any]] = []
+        with self._tx() as db:
+            tip = self._credit_tip(db)
+            for row in rows:
+                stored = {**row, "seq": tip.seq + 1, "prev_hash": tip.hash}
+                stored["hash"] = row_hash(stored)
+                db.execute(f"INSERT INTO credit_ledger({', '.join(_LEDGER_COLUMNS)}) "
+                           f"VALUES ({', '.join('?' * len(_LEDGER_COLUMNS))})",
+                           tuple(stored[c] for c in _LEDGER_COLUMNS))
+                tip = Tip(stored["seq"], stored["hash"])
+                out.append(stored)
+            if out:
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('credit_tip', ?)",
+                           (json.dumps([tip.seq, tip.hash]),))
+        return out
+
+    def credit_tip(self) -> Tip:
+        """The ledger's recorded tip (row 0 and the genesis hash when empty)."""
+        with self._lock:
+            return self._credit_tip(self._db)
+
+    @staticmethod
+    def _credit_tip(db: sqlite3.Connection) -> Tip:
+        row = db.execute("SELECT value FROM meta WHERE key='credit_tip'").fetchone()
+        if row is None:
+            return Tip()
+        seq, digest = json.loads(row["value"] if isinstance(row, sqlite3.Row) else row[0])
+        return Tip(int(seq), str(digest))
+
+    def credit_rows(self, donor_id: str | None = None, after_seq: int = 0, limit: int | None = None,
+                    latest: bool = False) -> list[dict[str, Any]]:
+        """Ledger rows (of one donor, or all) after ``after_seq``, in order: the first ``limit``
+        of them, or the last ``limit`` with ``latest``."""
+        query = ("SELECT * FROM credit_ledger WHERE seq > ?" + (" AND donor_id = ?" if donor_id else "")
+                 + " ORDER BY seq" + (" DESC" if latest else ""))
+        args: tuple = (after_seq, donor_id) if donor_id else (after_seq,)
+        if limit is not None:
+            query += " LIMIT ?"
+            args += (limit,)
+        with self._lock:
+            rows = [dict(r) for r in self._db.execute(query, args).fetchall()]
+        return rows[::-1] if latest else rows
+
+    def credit_by_bucket(self, since: float, step_s: float) -> dict[int, float]:
+        """Credit (net of voids) of the ledger rows that end at ``since`` or later, summed per
+        ``step_s`` bucket: bucket ``i`` covers ``[since + i*step_s, since + (i+1)*step_s)``."""
+        if step_s <= 0:
+            raise ValueError(f"step_s must be > 0, got {step_s}")
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT CAST((end_at - ?) / ? AS INTEGER) AS b, SUM(credit) AS credit FROM credit_ledger "
+                "WHERE end_at >= ? GROUP BY b", (since, step_s, since)).fetchall()
+        return {int(r["b"]): float(r["credit"]) for r in rows}
+
+    # ---------------------------------------------------------------- Serve
+
+    def save_serve_apps(self, apps: list[dict[str, Any]], now: float) -> None:
+        """Record the config-deployed Serve applications (re-applied after a head restart)."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO serve_config(key, config_json, updated_at) VALUES ('apps', ?, ?)",
+                       (json.dumps(apps, sort_keys=True), now))
+
+    def serve_apps(self) -> list[dict[str, Any]]:
+        """The Serve applications last recorded ([] when none)."""
+        with self._lock:
+            row = self._db.execute("SELECT config_json FROM serve_config WHERE key='apps'").fetchone()
+        return list(json.loads(row["config_json"])) if row else []
+
 
 def _donor_row(r: sqlite3.Row) -> DonorRow:
     return DonorRow(
@@ -334,6 +446,7 @@ def _donor_row(r: sqlite3.Row) -> DonorRow:
             state=DonorState(r["state"]), target=Target(r["target"]), node_id=r["node_id"],
             drain_reason=r["drain_reason"], drain_deadline_at=r["drain_deadline_at"],
             owner_active=bool(r["owner_active"]),
+            paused_by=PausedBy(r["paused_by"]) if r["paused_by"] else None, paused_at=r["paused_at"],
         ),
         node_ip=r["node_ip"], ray_ports=tuple(json.loads(r["ray_ports_json"] or "[]")),
     )
@@ -348,3 +461,28 @@ def _session(r: sqlite3.Row) -> SessionView:
         ended_as=r["ended_as"],
         end_reason=r["end_reason"],
     )
+
+
+def read_ledger(path: Path | str) -> tuple[Iterator[dict[str, Any]], Tip]:
+    """The ledger as the file holds it, through a connection of its own (read-only).
+
+    Not the head's connection: a check must see the file (and its WAL: SQLite reads both),
+    not what this process cached. Returns (the rows in ``seq`` order, the recorded tip).
+    """
+    db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=30)
+    db.row_factory = sqlite3.Row
+    tip = RegistryStore._credit_tip(db)
+
+    def rows() -> Iterator[dict[str, Any]]:
+        try:
+            for r in db.execute("SELECT * FROM credit_ledger ORDER BY seq"):
+                yield dict(r)
+        finally:
+            db.close()
+
+    return rows(), tip
+
+
+_LEDGER_COLUMNS = ("seq", "kind", "donor_id", "session_id", "node_id", "start_at", "end_at", "cpu_s", "gpu_s",
+                   "memory_byte_s", "w_cpu", "w_gpu", "w_memory", "credit", "voids_seq", "reason", "recorded_at",
+                   "prev_hash", "hash")

@@ -154,6 +154,28 @@ def _placed(decision: Decision) -> Placement:
     return decision
 
 
+#: Owners a replica that waits for a new failure domain may land on: enough that one of
+#: them activates soon, few enough to keep the label selector short.
+MAX_SPARE_OWNERS = 8
+
+
+def await_new_owner(request: Resources, owners: Sequence[str]) -> dict[str, Any]:
+    """Options that hold a replica until a donor of one of ``owners`` joins.
+
+    Every active owner already runs a replica (or none has room), but standby donors of
+    other owners exist: rather than pile onto an owner, the replica waits as pending demand,
+    and the autoscaler activates a donor of a new owner for it.
+    """
+    out: dict[str, Any] = {"num_cpus": request.cpus}
+    if request.gpus:
+        out["num_gpus"] = request.gpus
+    if request.memory_bytes:
+        out["memory"] = int(request.memory_bytes)
+    out["label_selector"] = {**request.label_selector, contract.LABEL_ROLE: contract.ROLE_DONOR,
+                             contract.LABEL_OWNER: f"in({', '.join(owners)})"}
+    return out
+
+
 def decide_options(
     kind: str | WorkloadKind,
     snapshot: FleetView,
@@ -173,6 +195,10 @@ def decide_options(
         decision = place_replicas(
             table, request, 1, snapshot.now_s, existing_owners=existing_owners, horizon_s=horizon
         )
+        spare = [o for o in snapshot.spare_owners if o not in existing_owners][:MAX_SPARE_OWNERS]
+        shared = isinstance(decision, Placement) and snapshot.active[decision.nodes[0]].owner in existing_owners
+        if spare and (shared or isinstance(decision, Unplaced)):
+            return await_new_owner(request, spare)
     else:
         decision = place_task(table, request, snapshot.now_s, kind=wk, horizon_s=horizon)
     return task_options(_placed(decision), soft=soft)

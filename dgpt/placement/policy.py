@@ -11,6 +11,11 @@ Three workload kinds, three objectives:
 - ``batch`` tasks (:func:`place_task`): must likely finish their own (short) run, but leave
   donors that are likely to stay for hours free for long work: short-lived donors first.
 
+Donors reached only through the head's overlay relay (``relayed``) have little bandwidth to
+the rest of the cluster: a gang's all-reduce would run at the relay's pace, while a replica's
+requests and a batch task's inputs are small. So gangs avoid them and replicas and batch
+tasks prefer them, which keeps direct donors free for gangs.
+
 Every kind spreads by free capacity so no donor runs hot while others idle, never puts GPU
 work on a GPU-less donor, and never puts more on a donor than it has free.
 
@@ -121,7 +126,8 @@ class Weights:
     reliability: times log P(stay horizon). speed: times log(gflops / 16.5). free: times
     the CPU fraction left free after placing. load: times the donor's load. reserve: times
     P(stay RESERVE_HORIZON_S), a cost for using a donor long work would want.
-    gpu_waste: cost of putting CPU-only work on a GPU donor.
+    gpu_waste: cost of putting CPU-only work on a GPU donor. relayed: cost of a donor
+    reached only through the head's relay (negative: a preference for it).
     """
 
     reliability: float = 1.0
@@ -130,15 +136,19 @@ class Weights:
     load: float = 1.0
     reserve: float = 0.0
     gpu_waste: float = 1.0
+    relayed: float = 0.0
 
 
 DEFAULT_WEIGHTS: Mapping[WorkloadKind, Weights] = {
-    # Gang members: reliability and speed dominate (the gang objective adds min speed).
-    WorkloadKind.TRAINING: Weights(reliability=1.0, speed=1.0, free=0.2, load=0.2),
-    # Replicas: latency (load, speed) matters as much as staying.
-    WorkloadKind.INFERENCE: Weights(reliability=1.0, speed=0.5, free=1.0, load=1.0),
+    # Gang members: reliability and speed dominate (the gang objective adds min speed). A
+    # relayed member costs as much as a 7x (e^2) lower P(stay): the relay's bandwidth, not its
+    # FLOPS, would set the gang's pace, so one joins only when too few direct donors fit.
+    WorkloadKind.TRAINING: Weights(reliability=1.0, speed=1.0, free=0.2, load=0.2, relayed=2.0),
+    # Replicas: latency (load, speed) matters as much as staying; relayed donors are preferred
+    # a little (small requests), less than an idle donor's free capacity is worth.
+    WorkloadKind.INFERENCE: Weights(reliability=1.0, speed=0.5, free=1.0, load=1.0, relayed=-0.25),
     # Batch: finish this task (x2), but prefer donors that long work would not want.
-    WorkloadKind.BATCH: Weights(reliability=2.0, speed=0.3, free=0.5, load=0.5, reserve=0.3),
+    WorkloadKind.BATCH: Weights(reliability=2.0, speed=0.3, free=0.5, load=0.5, reserve=0.3, relayed=-0.25),
 }
 
 
@@ -259,6 +269,8 @@ def _scores(
     score += weights.free * np.where(total > 0, free_after, 0.0) - weights.load * table.load[idx]
     if request.gpus <= 0 and weights.gpu_waste:
         score -= weights.gpu_waste * (table.gpu_total[idx] > 0)
+    if weights.relayed and table.relayed is not None:
+        score -= weights.relayed * table.relayed[idx]
     return score, log_p
 
 
@@ -473,7 +485,7 @@ def place_gang(
         request,
         now_s,
         horizon_s,
-        Weights(w.reliability, 0.0, w.free, w.load, w.reserve, w.gpu_waste),
+        Weights(w.reliability, 0.0, w.free, w.load, w.reserve, w.gpu_waste, w.relayed),
     )
     speed = table.gflops[idx]
     order = np.argsort(-speed, kind="stable")

@@ -8,7 +8,7 @@ donor list (the registry's view of which Ray node each donor runs).
 The Serve REST API replaces *all* config-deployed applications on every ``PUT``. So a
 deploy sends the applications already deployed from config together with the new ones,
 and a delete sends all but the one deleted. Applications started from Python
-(``serve.run``, e.g. the control plane ``dgpt``) are not config-deployed: a ``PUT`` never
+(``serve.run``) are not config-deployed: a ``PUT`` never
 touches them, and ``delete`` refuses them.
 """
 
@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 from pydantic import ValidationError
 
 from dgpt.config import Settings
 from dgpt.exceptions import ConfigError, ServeError
+from dgpt.head.dashboard import Dashboard, serve_body
 from dgpt.head.paths import head_paths
-from dgpt.head.process import head_addresses, head_running
+from dgpt.head.process import head_running
 
 __all__ = [
     "AppStatus",
@@ -45,9 +45,6 @@ __all__ = [
     "wait_running",
 ]
 
-_APPS_PATH = "/api/serve/applications/"
-# The dashboard answers in milliseconds; a PUT waits for the controller to accept the config.
-_HTTP_TIMEOUT_S = 60.0
 _POLL_S = 0.5
 # Application states that will not change without a new deploy.
 _FAILED = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
@@ -173,30 +170,12 @@ def validate_config(raw: Any, source: str = "the config") -> dict[str, Any]:
 # ----------------------------------------------------------------------------- REST plumbing
 
 
-def _dashboard(settings: Settings) -> tuple[str, dict[str, str]]:
+def _dashboard(settings: Settings) -> Dashboard:
     token_path = head_paths(settings.home)["ray_token"]
     if not head_running(settings) or not token_path.is_file():
         raise ServeError(f"no head runs for DGPT_HOME={settings.home}",
                          hint="start one with `dgpt up` (or `dgpt head start`), or pass --home")
-    headers = {"Authorization": f"Bearer {token_path.read_text().strip()}"}
-    return head_addresses(settings)["dashboard_url"], headers
-
-
-def _request(settings: Settings, method: str, json_body: Any = None) -> httpx.Response:
-    base, headers = _dashboard(settings)
-    try:
-        resp = httpx.request(method, base + _APPS_PATH, json=json_body, headers=headers, timeout=_HTTP_TIMEOUT_S)
-    except httpx.HTTPError as exc:
-        raise ServeError(f"the Ray dashboard at {base} did not answer: {exc}",
-                         hint=f"is the head up? see `dgpt status` and {settings.home / 'logs'}") from None
-    if resp.status_code in (401, 403):
-        raise ServeError(f"the Ray dashboard refused the auth token ({resp.status_code})",
-                         hint=f"the token file {head_paths(settings.home)['ray_token']} must be the head's")
-    if resp.status_code >= 400:
-        text = resp.text.strip()
-        raise ServeError(f"Serve refused the request ({resp.status_code}): {text[-1500:]}",
-                         hint="fix the config, then `dgpt serve deploy` again")
-    return resp
+    return Dashboard.of(settings)
 
 
 def _node_names(settings: Settings) -> dict[str, str]:
@@ -248,18 +227,13 @@ def status(settings: Settings) -> ServeStatus:
     Raises:
         ServeError: no head runs for this DGPT_HOME, or the dashboard did not answer.
     """
-    details = _request(settings, "GET").json()
+    details = _dashboard(settings).serve_details()
     head_node = (details.get("controller_info") or {}).get("node_id")
     return _parse(details, _node_names(settings), head_node)
 
 
 def _put(settings: Settings, configs: list[dict[str, Any]], base: dict[str, Any] | None = None) -> None:
-    body: dict[str, Any] = {k: v for k, v in (base or {}).items() if k != "applications"}
-    # The head owns the proxy's address; Serve would only warn about a different one.
-    body["http_options"] = {"host": settings.http_host, "port": settings.http_port}
-    body["proxy_location"] = "HeadOnly"
-    body["applications"] = configs
-    _request(settings, "PUT", body)
+    _dashboard(settings).put_serve(serve_body(settings, configs, base))
 
 
 # ----------------------------------------------------------------------------- operations

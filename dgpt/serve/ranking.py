@@ -1,4 +1,4 @@
-"""Pure replica ranking for the donor-aware router: latency EWMA, donor state, cost, choice.
+"""Pure replica ranking for the donor-aware router: latency EWMA, donor state, trust, cost, choice.
 
 No Ray here: the router (``dgpt.serve.router``) turns Serve's view of its replicas into
 ``ReplicaView`` snapshots and asks these functions which replica to try first; the fleet
@@ -7,8 +7,12 @@ simulator and the unit tests drive the very same functions.
 The policy, in one breath:
 
 1. Replicas whose donor is leaving (``draining``, ``gone``, ``standby``, or unreachable:
-   it missed its last heartbeats) are dropped at once, unless nothing else is left (then a
-   leaving replica beats no replica).
+   it missed its last heartbeats) are dropped at once, and so are those whose donor's
+   verification trust is below ``min_trust`` (its results disagreed with other owners'),
+   unless nothing else is left: a distrusted donor beats a leaving one, and a leaving
+   replica beats no replica. A donor the trust store knows nothing about counts as trusted.
+   A shadow copy of a request (``dgpt.serve.shadow``) also avoids the owners and nodes its
+   hint names, so that it is answered by another owner.
 2. From what remains, two replicas are drawn uniformly at random (power of two choices).
 3. The pair is ordered by expected completion cost::
 
@@ -26,25 +30,31 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from dgpt.contract import DonorState
+from dgpt.verify.policy import DEFAULT_TRUST
 
 __all__ = [
     "DEFAULT_RELIABILITY",
+    "SHADOW_KWARG",
     "DonorInfo",
     "LatencyEstimate",
     "RankingParams",
     "ReplicaView",
+    "ShadowHint",
+    "avoiding",
     "choose_candidates",
     "choose_pair",
     "current_latency_ms",
     "expected_cost_ms",
     "fleet_prior_ms",
+    "parse_shadow_hint",
     "rank_candidates",
     "routable",
+    "tier",
     "update_latency",
 ]
 
@@ -65,16 +75,26 @@ class DonorInfo:
 
     ``state`` is None when the registry said nothing (or something this router does not
     know): such a donor is routable. ``reachable`` is False once it missed heartbeats.
+    ``trust`` is its verification trust score (``dgpt.verify``), None when unknown;
+    ``owner`` its failure domain, None when the registry did not say.
     """
 
     donor_id: str | None = None
     state: DonorState | None = None
     reliability: float = DEFAULT_RELIABILITY
     reachable: bool = True
+    trust: float | None = None
+    owner: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.reliability <= 1.0 or math.isnan(self.reliability):
             raise ValueError(f"reliability must be within 0..1, got {self.reliability!r}")
+        if self.trust is not None and not 0.0 <= self.trust <= 1.0:
+            raise ValueError(f"trust must be within 0..1 or None, got {self.trust!r}")
+
+    def trusted(self, min_trust: float) -> bool:
+        """True unless the donor's known trust is below ``min_trust``."""
+        return self.trust is None or self.trust >= min_trust
 
     @property
     def leaving(self) -> bool:
@@ -99,11 +119,15 @@ class RankingParams:
         reliability_weight: how much an unreliable donor's cost is inflated: a donor with
             reliability 0 costs ``1 + weight`` times one with reliability 1. 1.0 makes a
             coin-flip donor 1.5x as costly, worth half a queued request, no more.
+        min_trust: donors whose verification trust is below this get no requests while
+            others can take them: ``dgpt.verify``'s own threshold, below which one wrong
+            result puts any donor.
     """
 
     latency_half_life_samples: float = 4.0
     stale_half_life_s: float = 10.0
     reliability_weight: float = 1.0
+    min_trust: float = DEFAULT_TRUST.low
 
     def __post_init__(self) -> None:
         if not self.latency_half_life_samples > 0:
@@ -114,6 +138,8 @@ class RankingParams:
             raise ValueError(f"stale_half_life_s must be > 0, got {self.stale_half_life_s!r}")
         if not self.reliability_weight >= 0:
             raise ValueError(f"reliability_weight must be >= 0, got {self.reliability_weight!r}")
+        if not 0.0 <= self.min_trust <= 1.0:
+            raise ValueError(f"min_trust must be within 0..1, got {self.min_trust!r}")
 
     @property
     def alpha(self) -> float:
@@ -215,14 +241,23 @@ def expected_cost_ms(
     return (max(0, view.queue_len) + 1) * latency * penalty
 
 
-def routable(views: Sequence[ReplicaView]) -> list[ReplicaView]:
-    """Replicas whose donor is not leaving; all of them if every donor is leaving.
+def tier(donor: DonorInfo, params: RankingParams = DEFAULT_PARAMS) -> int:
+    """How much a donor is wanted: 0 staying and trusted, 1 staying but distrusted, 2 leaving."""
+    if donor.leaving:
+        return 2
+    return 0 if donor.trusted(params.min_trust) else 1
+
+
+def routable(views: Sequence[ReplicaView], params: RankingParams = DEFAULT_PARAMS) -> list[ReplicaView]:
+    """The replicas of the best :func:`tier` present: trusted staying donors' if any.
 
     Falling back to leaving replicas keeps requests flowing while Serve starts their
     replacements: a draining replica still finishes what it is given before its deadline.
     """
-    staying = [v for v in views if not v.donor.leaving]
-    return staying if staying else list(views)
+    if not views:
+        return []
+    best = min(tier(v.donor, params) for v in views)
+    return [v for v in views if tier(v.donor, params) == best]
 
 
 def choose_pair(items: Sequence[T], rng: random.Random) -> list[T]:
@@ -247,14 +282,14 @@ def rank_candidates(
     prior_ms: float,
     params: RankingParams = DEFAULT_PARAMS,
 ) -> list[ReplicaView]:
-    """``views`` sorted by expected cost, cheapest first; leaving donors go after all others.
+    """``views`` sorted by tier (see :func:`tier`), then expected cost, cheapest first.
 
     The sort is stable, so ties keep the input order (random, when it comes from
     ``choose_pair``).
     """
     return sorted(
         views,
-        key=lambda v: (v.donor.leaving, expected_cost_ms(v, now_s, prior_ms, params)),
+        key=lambda v: (tier(v.donor, params), expected_cost_ms(v, now_s, prior_ms, params)),
     )
 
 
@@ -265,11 +300,54 @@ def choose_candidates(
     prior_ms: float,
     params: RankingParams = DEFAULT_PARAMS,
 ) -> list[ReplicaView]:
-    """The whole policy: drop leaving donors, draw a random pair, order it by cost.
+    """The whole policy: keep the best tier, draw a random pair, order it by cost.
 
     Returns at most two replicas, preferred first; empty when ``views`` is empty.
     """
-    return rank_candidates(choose_pair(routable(views), rng), now_s, prior_ms, params)
+    return rank_candidates(choose_pair(routable(views, params), rng), now_s, prior_ms, params)
+
+
+# ---------------------------------------------------------------- shadow copies
+
+#: The keyword argument that marks a shadow copy of a request and carries its hint. The
+#: shadowed method's wrapper (``dgpt.serve.shadow``) takes it off before the method runs.
+SHADOW_KWARG = "__dgpt_shadow__"
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowHint:
+    """Where a shadow copy must not go: the owners and nodes that answered it already."""
+
+    avoid_owners: frozenset[str] = frozenset()
+    avoid_nodes: frozenset[str] = frozenset()
+
+    def as_kwarg(self) -> dict[str, list[str]]:
+        """The hint as plain data, the value of ``SHADOW_KWARG``."""
+        return {"avoid_owners": sorted(self.avoid_owners), "avoid_nodes": sorted(self.avoid_nodes)}
+
+
+def parse_shadow_hint(kwargs: Mapping[object, object] | None) -> ShadowHint | None:
+    """The hint of a request's keyword arguments; None when it is not a shadow copy (or the
+    hint is malformed: such a request is routed as any other)."""
+    raw = (kwargs or {}).get(SHADOW_KWARG)
+    if not isinstance(raw, Mapping):
+        return None
+
+    def names(key: str) -> frozenset[str]:
+        value = raw.get(key)
+        return frozenset(str(x) for x in value) if isinstance(value, (list, tuple, set, frozenset)) else frozenset()
+
+    return ShadowHint(avoid_owners=names("avoid_owners"), avoid_nodes=names("avoid_nodes"))
+
+
+def avoiding(views: Sequence[ReplicaView], hint: ShadowHint) -> list[ReplicaView]:
+    """The replicas the hint allows: on none of its nodes, of none of its owners.
+
+    May be empty: the caller falls back to every replica, and the shadow wrapper sees that
+    the copy came back from an owner it had already heard.
+    """
+    return [v for v in views if v.node_id not in hint.avoid_nodes
+            and (v.donor.owner is None or v.donor.owner not in hint.avoid_owners)]
 
 
 def fleet_prior_ms(estimates: Sequence[LatencyEstimate], default_ms: float) -> float:

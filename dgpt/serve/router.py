@@ -21,15 +21,22 @@ Where the numbers come from (Ray 2.60's router hooks):
   replica this router has not measured yet starts from the ``ewma_latency_ms`` it reports
   through Serve's routing stats (``record_routing_stats`` on the deployment), else from
   the median of the other replicas;
-- donor state and reliability: the ``registry`` actor in namespace ``dgpt``, asked in the
-  background at most once per ``registry_refresh_period_s``; a routing decision never
-  waits for it. Without a registry every node counts as active with reliability 0.5.
+- donor state, reliability, trust and owner: the ``registry`` actor in namespace ``dgpt``,
+  asked in the background at most once per ``registry_refresh_period_s``; a routing
+  decision never waits for it. Without a registry every node counts as active with
+  reliability 0.5 and unknown trust.
+
+Donors whose verification trust is below ``min_trust`` get no requests while others can
+take them. A shadow copy of a request (``dgpt.serve.shadow``: its keyword arguments carry
+``ranking.SHADOW_KWARG``) goes to a replica of another owner and node than its hint names,
+when there is one.
 
 The registry interface this router relies on::
 
     ray.get_actor(REGISTRY_ACTOR, namespace=NAMESPACE).node_states.remote()
       -> {node_id_hex: {"donor_id": str, "state": "active" | "draining" | ...,
-                        "reliability": float in 0..1, "reachable": bool}}
+                        "reliability": float in 0..1, "reachable": bool,
+                        "trust": float in 0..1 (optional), "owner": str (optional)}}
 """
 
 from __future__ import annotations
@@ -66,9 +73,12 @@ from dgpt.serve.ranking import (
     LatencyEstimate,
     RankingParams,
     ReplicaView,
+    avoiding,
     choose_pair,
     fleet_prior_ms,
+    parse_shadow_hint,
     rank_candidates,
+    tier,
     update_latency,
 )
 
@@ -120,6 +130,10 @@ class RouterSettings(BaseModel):
     latency_half_life_samples: float = Field(default=4.0, gt=0, le=1000)
     stale_half_life_s: float = Field(default=10.0, gt=0, le=3600)
     reliability_weight: float = Field(default=1.0, ge=0, le=100)
+    min_trust: float = Field(
+        default=RankingParams().min_trust, ge=0, le=1,
+        description="Donors whose verification trust is below this get no requests while others can take them.",
+    )
     request_timeout_s: float = Field(
         default=600.0,
         gt=0,
@@ -133,6 +147,7 @@ class RouterSettings(BaseModel):
             latency_half_life_samples=self.latency_half_life_samples,
             stale_half_life_s=self.stale_half_life_s,
             reliability_weight=self.reliability_weight,
+            min_trust=self.min_trust,
         )
 
 
@@ -171,7 +186,8 @@ def parse_node_states(raw: object) -> dict[str, DonorInfo]:
 
     Tolerant by design, since a newer registry may send more: unknown keys are ignored,
     unknown states become ``None`` (routable), a missing ``reachable`` means reachable, a missing or invalid reliability becomes
-    the default, and an entry that is not a mapping is skipped.
+    the default, a missing or invalid trust or owner becomes ``None`` (unknown), and an
+    entry that is not a mapping is skipped.
     """
     if not isinstance(raw, Mapping):
         raise TypeError(f"registry node_states() must return a dict, got {type(raw).__name__}")
@@ -191,13 +207,27 @@ def parse_node_states(raw: object) -> dict[str, DonorInfo]:
             state: DonorState | None = DonorState(str(entry.get("state")).lower())
         except ValueError:
             state = None  # a state this router does not know: routable
+        owner = entry.get("owner")
         out[str(node_id)] = DonorInfo(
             donor_id=str(donor_id) if donor_id is not None else None,
             state=state,
             reliability=min(1.0, max(0.0, value)),
             reachable=entry.get("reachable") is not False,
+            trust=_trust(entry.get("trust")),
+            owner=owner if isinstance(owner, str) and owner else None,
         )
     return out
+
+
+def _trust(raw: object) -> float | None:
+    """A trust score from the registry, clipped to 0..1; None when absent or not a number."""
+    if raw is None or isinstance(raw, bool):
+        return None
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else min(1.0, max(0.0, value))
 
 
 class DonorAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
@@ -255,23 +285,32 @@ class DonorAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         """
         now = self._clock()
         self._maybe_refresh_donors(now)
+        hint = parse_shadow_hint(pending_request.kwargs) if pending_request is not None else None
         if pending_request is not None and pending_request.metadata.multiplexed_model_id:
             candidate_ids = self.apply_multiplex_routing(pending_request=pending_request)
+        elif hint is not None:
+            candidate_ids = set(self.curr_replicas)  # a shadow copy wants another node: no locality
         else:
             candidate_ids = self.apply_locality_routing(pending_request=pending_request)
         if not candidate_ids:
             return []
-        if candidate_ids is self._replica_id_set:
+        replicas = self.curr_replicas
+        if len(candidate_ids) == len(replicas):  # every replica is a candidate (the usual case)
             pool: tuple[ReplicaID, ...] = self._routable_ids
         else:
             pool = tuple(rid for rid in candidate_ids if rid in self._routable_set)
             if not pool:
                 pool = tuple(candidate_ids)
+        if hint is not None:  # a shadow copy: another owner's replica, routable ones first
+            allowed = {v.replica_id for v in avoiding([self._view(rid, now) for rid in candidate_ids], hint)}
+            if allowed:
+                others = tuple(rid for rid in pool if rid in allowed)
+                pool = others or tuple(rid for rid in candidate_ids if rid in allowed)
         if self._prior_dirty and now - self._prior_computed_at_s >= _PRIOR_REFRESH_S:
             self._recompute_prior(now)
-        views = [self._view(rid, now) for rid in choose_pair(pool, self._rng) if rid in self._replicas]
+        views = [self._view(rid, now) for rid in choose_pair(pool, self._rng) if rid in replicas]
         ranked = rank_candidates(views, now, self._prior_ms, self._params)
-        return [[self._replicas[cast(ReplicaID, v.replica_id)]] for v in ranked]
+        return [[replicas[cast(ReplicaID, v.replica_id)]] for v in ranked]
 
     def on_request_routed(
         self,
@@ -296,7 +335,7 @@ class DonorAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
             self._completed_unrouted[key] = now
             return
         self._decrement_in_flight(replica_id)
-        if replica_id not in self._replica_id_set:
+        if replica_id not in self.curr_replicas:
             return
         sample_ms = (now - started) * 1000.0
         self._latency[replica_id] = update_latency(
@@ -307,9 +346,10 @@ class DonorAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Serve's new replica set: forget stats of replicas that left, recompute the pool."""
         super().update_replicas(replicas)
-        for rid in [rid for rid in self._latency if rid not in self._replica_id_set]:
+        current = self.curr_replicas
+        for rid in [rid for rid in self._latency if rid not in current]:
             del self._latency[rid]
-        for rid in [rid for rid in self._in_flight if rid not in self._replica_id_set]:
+        for rid in [rid for rid in self._in_flight if rid not in current]:
             del self._in_flight[rid]
         self._recompute_routable()
 
@@ -334,14 +374,14 @@ class DonorAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
 
     @property
     def routable_replica_ids(self) -> tuple[ReplicaID, ...]:
-        """Replicas offered to requests now: all but those on leaving donors (if any remain)."""
+        """Replicas offered to requests now: those of the best tier (staying, trusted donors first)."""
         return self._routable_ids
 
     # ----- internals ---------------------------------------------------------------------
 
     def _view(self, replica_id: ReplicaID, now: float) -> ReplicaView:
-        replica = self._replicas[replica_id]
-        queue_len = self._replica_queue_len_cache.get(replica_id)
+        replica = self.curr_replicas[replica_id]
+        queue_len = self.replica_queue_len_cache.get(replica_id)
         if queue_len is None:
             queue_len = self._in_flight.get(replica_id, 0)
         estimate = self._latency.get(replica_id)
@@ -379,12 +419,11 @@ class DonorAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         self._prior_dirty = False
 
     def _recompute_routable(self) -> None:
-        staying = tuple(
-            rid
-            for rid, replica in self._replicas.items()
-            if not self.donor_info(replica.node_id).leaving
-        )
-        self._routable_ids = staying if staying else tuple(self._replicas)
+        """The replicas of the best tier present (``ranking.tier``): trusted staying donors' if any."""
+        tiers = {rid: tier(self.donor_info(replica.node_id), self._params)
+                 for rid, replica in self.curr_replicas.items()}
+        best = min(tiers.values(), default=0)
+        self._routable_ids = tuple(rid for rid, t in tiers.items() if t == best)
         self._routable_set = frozenset(self._routable_ids)
 
     def _maybe_refresh_donors(self, now: float) -> None:
@@ -393,7 +432,7 @@ class DonorAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         if now - self._refresh_started_at_s < self._settings.registry_refresh_period_s:
             return
         self._refresh_started_at_s = now
-        self._refresh_task = self._event_loop.create_task(self._refresh_donors())
+        self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_donors())
 
     async def _refresh_donors(self) -> None:
         """One background registry query; never raises (a routing loop must not die)."""

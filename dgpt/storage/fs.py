@@ -1,6 +1,7 @@
 """``dgpt://``: the storage tier as an fsspec filesystem (and a pyarrow one for Ray Train).
 
-    fs = DonorFileSystem("local:///path/to/storage")     # or a connector the head registers
+    fs = DonorFileSystem()                    # the fabric's head (fabric://), inside Ray or out
+    fs = DonorFileSystem("local:///path/to/storage")     # a service in this process
     with fs.open("data/part-0.parquet", "wb") as f: ...
     ray.data.read_parquet("dgpt://data/", filesystem=fs)
     ray.train.RunConfig(storage_filesystem=pyarrow_filesystem(fs), storage_path="ckpt")
@@ -9,7 +10,7 @@ The constructor takes one string, ``metadata``: where the metadata service is. I
 picks a *connector* (:func:`register_connector`) that returns the metadata client and the
 piece transport, so the same filesystem works in-process (``local://<folder>``: a metadata
 service over the SQLite file in that folder, for tests and one-machine fabrics), through
-the head's Ray actor, or over its REST API (connectors the head registers). Because the
+the head's Ray actor, or over its REST API (``fabric://``, ``http://``: :mod:`~dgpt.storage.connectors`). Because the
 arguments are plain strings, the instance is deterministic (``_fs_token``) and pickles
 into Ray tasks as ``(class, args)``; each process connects lazily on first use.
 
@@ -32,7 +33,7 @@ import fsspec
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from dgpt.exceptions import InvalidRequest, NotFound, WriteConflict
-from dgpt.storage import PROTOCOL
+from dgpt.storage import PROTOCOL, connectors
 from dgpt.storage.datapath import FileReader, FileWriter, StorageClient
 from dgpt.storage.models import Entry
 from dgpt.storage.service import MetadataClient
@@ -61,6 +62,9 @@ def _local_connector(url: str) -> tuple[MetadataClient, PieceTransport]:
 
 
 register_connector("local", _local_connector)
+register_connector("fabric", connectors.fabric_connector)
+register_connector("http", connectors.http_connector)
+register_connector("https", connectors.http_connector)
 
 
 def storage_client(metadata: str, io_workers: int = 16) -> StorageClient:
@@ -103,10 +107,13 @@ class DonorFileSystem(AbstractFileSystem):
     #: A write buffers at most this much before handing it to the segment writer.
     blocksize = 8 << 20
 
-    def __init__(self, metadata: str, io_workers: int = 16, **storage_options: Any) -> None:
+    def __init__(self, metadata: str = "fabric://", io_workers: int = 16, **storage_options: Any) -> None:
         """
         Args:
-            metadata: where the metadata service is, e.g. ``local:///srv/dgpt/storage``.
+            metadata: where the metadata service is: ``fabric://`` (the default: the fabric's
+                head, through its actor inside Ray or its REST API outside,
+                :mod:`~dgpt.storage.connectors`), ``http://HEAD:PORT``, or
+                ``local:///srv/dgpt/storage`` (a service in this process).
             io_workers: parallel piece transfers per process.
         """
         super().__init__(metadata=metadata, io_workers=io_workers, **storage_options)

@@ -29,6 +29,21 @@ from dgpt.exceptions import NotEnoughDonors
 RELIABILITY_EXPONENT = 2.0
 #: Reliability below this counts as this: a brand-new donor still gets an occasional piece.
 MIN_RELIABILITY = 0.01
+#: Audits a donor is trusted for before any has run (the prior of :func:`audit_trust`).
+AUDIT_PRIOR = 9.0
+
+
+def audit_trust(passed: int, failed: int) -> float:
+    """How far a donor's audits let the tier trust it with pieces, in (0, 1].
+
+    The mean of a Beta(passed + 9, failed + 1) pass rate: 0.9 with no audits yet, about
+    0.82 after one failure, 0.5 after eight failures with none passed; many passes
+    outweigh an occasional failure (a disk error), steady failures do not. The tier's
+    placement reliability is the donor's own (:mod:`dgpt.reliability`) times this.
+    """
+    if passed < 0 or failed < 0:
+        raise ValueError(f"audit counts must be >= 0, got passed={passed} failed={failed}")
+    return (passed + AUDIT_PRIOR) / (passed + failed + AUDIT_PRIOR + 1.0)
 
 
 @dataclass(frozen=True, slots=True)

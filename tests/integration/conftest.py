@@ -32,6 +32,8 @@ FAST_DONOR_TIMINGS = {
     "heartbeat_timeout_s": 12.0,
     "drain_deadline_s": 15.0,
     "monitor_interval_s": 1.0,
+    # A donor its owner took back (test_fabric's CPU hog) donates again after 10 s of calm.
+    "idle_calm_s": 10.0,
 }
 
 

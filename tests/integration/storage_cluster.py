@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dgpt.processes import free_port
 from dgpt.storage.datapath import StorageClient
@@ -31,8 +32,9 @@ class StorageCluster:
     def url(self) -> str:
         return f"local://{self.folder / 'meta'}"
 
-    def client(self) -> StorageClient:
-        return StorageClient(self.service, HttpTransport(connect_timeout_s=2.0, timeout_s=20.0), io_workers=8)
+    def client(self, **options: Any) -> StorageClient:
+        return StorageClient(self.service, HttpTransport(connect_timeout_s=2.0, timeout_s=20.0), io_workers=8,
+                             **options)
 
     def holders(self, path: str) -> list[str]:
         """Donors holding any piece of ``path``."""

@@ -23,7 +23,7 @@ from dgpt.donor.agent import state_files
 from dgpt.head import fabric
 from dgpt.head.paths import head_paths
 from dgpt.head.process import shell_env
-from dgpt.processes import read_json, tree
+from dgpt.processes import kill_at_once, read_json, tree
 from dgpt.sdk.models import SessionView
 from tests.integration.conftest import wait_for
 
@@ -179,7 +179,7 @@ def test_api_refuses_bad_requests_and_stores_nothing(local_fabric: Settings) -> 
     r = httpx.post(f"{api}/donors", json={k: v for k, v in body.items() if k != "owner"})
     assert r.status_code == 422 and "owner" in r.json()["message"]
     r = httpx.post(f"{api}/donors", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert r.status_code == 422
+    assert r.status_code == 400 and r.json()["detail"][0]["field"] == "body"
 
     assert httpx.get(f"{api}/donors/d-unknown", headers=auth).status_code == 404
     # Unknown donors and wrong secrets answer alike: donor ids cannot be enumerated.
@@ -271,8 +271,7 @@ def test_sigkilled_agent_and_raylet_end_lost(local_fabric: Settings) -> None:
     before = _donors(local_fabric)["donor-1"]
     procs = tree(_agent_pid(local_fabric, "donor-1"))
     assert any(p.name() == "raylet" for p in procs)
-    for proc in procs:  # agent, `ray start`, raylet and its workers: no chance to drain
-        proc.kill()
+    kill_at_once(procs)  # agent, `ray start`, raylet and its workers: no chance to drain
     timeout = local_fabric.heartbeat_timeout_s + 3 * local_fabric.monitor_interval_s + 5
     wait_for(lambda: _last_session(local_fabric, "donor-1").ended_as, timeout, "donor-1's session to end")
     assert _last_session(local_fabric, "donor-1").ended_as == "lost"
@@ -350,3 +349,73 @@ def test_a_second_fabric_runs_side_by_side(local_fabric: Settings) -> None:
         fabric.down(other)
     assert not httpx.get(f"{local_fabric.api_url}/health", timeout=10).is_error, "the first fabric is untouched"
     assert len(_donors(local_fabric)) == 3
+
+
+# ---------------------------------------------------------------------- the owner comes back
+
+
+def test_a_cpu_hog_on_the_donors_host_makes_it_drain(local_fabric: Settings) -> None:
+    """The load detector (DGPT_IDLE_LOAD_THRESHOLD's meaning): the owner's own CPU use drains the donor."""
+    name = "donor-1"
+    assert _cli(local_fabric, "donor", "leave", "--donor-id", name).returncode == 0
+    fabric.restart_donor(local_fabric, name, load_threshold="0.5")
+    wait_for(lambda: _donors(local_fabric)[name]["state"] == "active", 180, f"{name} active with its detector on")
+    before = _donors(local_fabric)[name]
+    # The owner starts work: one busy process per core (not Ray's, not dgpt's).
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(psutil.cpu_count() or 1)]
+    try:
+        wait_for(lambda: _donors(local_fabric)[name]["sessions_total"] == before["sessions_total"]
+                 and _last_session(local_fabric, name).ended_as, 90, f"{name} to drain for its owner")
+        session = _last_session(local_fabric, name)
+        assert (session.ended_as, session.end_reason) == ("drained", "owner-active")
+        assert _donors(local_fabric)[name]["owner_active"]
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    wait_for(lambda: _donors(local_fabric)[name]["state"] == "active", 180, f"{name} back once the owner is idle")
+    assert _cli(local_fabric, "donor", "leave", "--donor-id", name).returncode == 0
+    fabric.restart_donor(local_fabric, name, load_threshold="off")
+    wait_for(lambda: _donors(local_fabric)[name]["state"] == "active", 180, f"{name} back with its detector off")
+
+
+def test_a_raylet_that_joins_without_a_session_is_flagged_and_drained(local_fabric: Settings, tmp_path: Path) -> None:
+    # Anyone holding the Ray token can start a raylet against the GCS; this one poses as a
+    # donor (role label) with no donor id and no session from the head.
+    from dgpt.head.process import head_addresses
+    from dgpt.processes import free_port, stop_tree
+
+    gcs = head_addresses(local_fabric)["ray_address"]
+    ports = [free_port() for _ in range(7)]
+    argv = [str(Path(sys.executable).with_name("ray")), "start", "--block", f"--address={gcs}", "--num-cpus=1",
+            "--labels=dgpt.io/role=donor", f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
+            f"--dashboard-agent-grpc-port={ports[2]}", f"--dashboard-agent-listen-port={ports[3]}",
+            f"--runtime-env-agent-port={ports[4]}", f"--metrics-export-port={ports[5]}",
+            f"--min-worker-port={ports[6]}", f"--max-worker-port={ports[6] + 20}", "--disable-usage-stats",
+            f"--temp-dir={tempfile.mkdtemp(prefix='dgpt-rogue-')}"]
+    log = (tmp_path / "rogue.log").open("w")
+    rogue = subprocess.Popen(argv, env=_ray_env(local_fabric), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def flagged() -> list:
+            with fabric.api_client(local_fabric) as c:
+                return [r for r in c.cluster().rogue_nodes if "no dgpt.io/donor-id label" in r.reason]
+
+        (view,) = wait_for(flagged, 120, "the head to flag the raylet it never granted")
+        assert view.drain_requested and view.address
+        out = _cli(local_fabric, "status")
+        assert f"Ray node {view.node_id[:8]}" in out.stdout and "not as granted" in out.stdout
+        # Ray itself drains it: no new work lands there.
+        code = ("from dgpt.head.ray_adapter import RayAdapter\n"
+                f"print('STATUS', {{u.node_id: u.status for u in RayAdapter({gcs!r}).usage_and_demand()[0]}}"
+                f".get({view.node_id!r}))\n")
+
+        def draining() -> bool:
+            got = subprocess.run([sys.executable, "-c", code], env=_ray_env(local_fabric), capture_output=True,
+                                 text=True, timeout=60)
+            return any(x in got.stdout for x in ("STATUS DRAINING", "STATUS DEAD", "STATUS None"))
+
+        wait_for(draining, 60, "Ray to drain the rogue node")
+        assert view.node_id not in {d["node_id"] for d in _donors(local_fabric).values()}, "no donor took it"
+    finally:
+        stop_tree(rogue.pid, grace_s=15)
+        log.close()

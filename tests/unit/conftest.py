@@ -2,7 +2,6 @@
 
 import pytest
 
-
 @pytest.fixture(autouse=True)
 def _no_ray(monkeypatch):
     try:
@@ -21,6 +20,7 @@ class _NoRay:
 
     ray_address = "127.0.0.1:1"
     dashboard_url = "http://127.0.0.1:1"
+    tls_fingerprint = None
 
     def autoscaler_status(self):
         return {"ticks": 0, "errors": 0, "recent": []}
@@ -36,7 +36,7 @@ class ApiServer:
     """The real control-plane API (FastAPI on uvicorn, a real registry on a real SQLite file)
     in a thread on a free port; only Ray is absent (no node table, no jobs)."""
 
-    def __init__(self, home):
+    def __init__(self, home, services=None, storage=None):
         import threading
         import time
 
@@ -61,7 +61,7 @@ class ApiServer:
         store = RegistryStore(paths["db"])
         store.ensure_token("api", self.api_key, "test", time.time())
         self.registry = Registry(self.settings, store, None, "127.0.0.1:1", paths["ray_token"])
-        self.app = build_app(self.registry, _NoRay())
+        self.app = build_app(self.registry, services or _NoRay(), storage=storage)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

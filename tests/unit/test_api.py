@@ -39,7 +39,7 @@ def test_errors_have_one_shape_and_name_the_problem(api_server: ApiServer) -> No
     r = httpx.get(f"{api}/donors")
     assert r.status_code == 401 and set(r.json()) >= {"error", "message", "hint"} and "API key" in r.json()["message"]
     r = httpx.post(f"{api}/donors", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "body"
+    assert r.status_code == 400 and r.json()["detail"][0]["field"] == "body"
     r = httpx.post(f"{api}/donors", json={"name": "x"}, headers={"Authorization": "Bearer t"})
     fields = {d["field"] for d in r.json()["detail"]}
     assert r.status_code == 422 and {"owner", "profile", "caps"} <= fields

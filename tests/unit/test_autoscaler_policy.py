@@ -241,3 +241,39 @@ def test_invalid_bounds_name_the_field() -> None:
     assert load_bounds(max_active=10).max_active == 10
     with pytest.raises(ValueError, match="cpus"):
         Resources(-1)
+
+
+def test_demand_activates_a_new_owner_before_a_second_donor_of_one_in_the_cluster() -> None:
+    from dataclasses import replace as dc_replace
+
+    role = {"dgpt.io/role": "donor"}
+    a1 = dc_replace(active(1, free=0), owner="alice", labels=role)  # full: one replica there already
+    a2 = dc_replace(standby(2, rel=STEADY), owner="alice", labels=role)  # alice's second machine, very steady
+    b = dc_replace(standby(3, rel=FLAKY), owner="bob", labels=role)  # a new failure domain, less steady
+    replica = Resources(0.5, 0, 0, {"dgpt.io/role": "donor"})
+    decisions, _ = default_policy(ctx(active=[a1], standby=[a2, b], pending=[replica]))
+    assert activated(decisions) == ["s3"], "replicas spread over owners, not onto alice's second machine"
+    # Two more replicas: bob first, then alice's second machine (no other owner is left).
+    decisions, _ = default_policy(ctx(active=[a1], standby=[a2, b], pending=[replica, replica]))
+    assert activated(decisions)[0] == "s3"
+
+
+SERVE_ONE_PER_NODE = {"CPU": 0.5, "node:__internal_implicit_resource_digits:DigitsClassifier": 1.0}
+
+
+def test_a_replica_limited_per_node_activates_a_donor_though_cpu_is_free_on_active_ones() -> None:
+    # Serve's max_replicas_per_node=1: the pending third replica cannot join the two active
+    # donors that each run one, however much CPU they have free.
+    c = ctx(pending=[Resources.from_ray(SERVE_ONE_PER_NODE)], active=[active(1), active(2)],
+            standby=[standby(1), standby(2)])
+    decisions, _ = default_policy(c)
+    assert len(activated(decisions)) == 1
+    assert "at most 1 per node" in decisions[0].reason
+
+
+def test_replicas_limited_per_node_each_get_their_own_new_donor_and_share_it_when_allowed() -> None:
+    c = ctx(pending=[Resources.from_ray(SERVE_ONE_PER_NODE)] * 2, standby=[standby(i, cpus=8) for i in range(4)])
+    assert len(activated(default_policy(c)[0])) == 2, "one replica per node: two donors for two replicas"
+    two = {"CPU": 0.5, "node:__internal_implicit_resource_app:D": 0.5}  # max_replicas_per_node=2
+    c = ctx(pending=[Resources.from_ray(two)] * 2, standby=[standby(i, cpus=8) for i in range(4)])
+    assert len(activated(default_policy(c)[0])) == 1

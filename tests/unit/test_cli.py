@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dgpt.cli import donor, head, job, serve, token
+from dgpt.cli import donor, head, job, serve, storage, token
 from dgpt.cli.main import app
 from dgpt.exceptions import ConfigError, DonorError
 from dgpt.sdk.client import DonorClient
@@ -21,15 +21,16 @@ GIB = 2**30
 
 def _env(api_server: ApiServer) -> dict[str, str]:
     return {"DGPT_HOME": str(api_server.home), "DGPT_API_PORT": str(api_server.settings.api_port),
-            "DGPT_NODE_IP": "127.0.0.1", "COLUMNS": "200"}
+            "DGPT_NODE_IP": "127.0.0.1", "DGPT_HTTP_HOST": "127.0.0.1", "COLUMNS": "200"}
 
 
 @pytest.mark.parametrize(("module", "commands"), [
     (head.head_app, {"start", "stop"}),
-    (donor.donor_app, {"join", "pause", "resume", "leave", "list"}),
+    (donor.donor_app, {"join", "pause", "resume", "leave", "list", "credit"}),
     (job.job_app, {"submit", "status", "list", "logs", "stop"}),
     (token.token_app, {"create", "list", "revoke"}),
     (serve.serve_app, {"deploy", "status", "delete"}),
+    (storage.storage_app, {"put", "get", "ls", "rm", "status"}),
 ])
 def test_each_noun_is_its_own_typer_app(module, commands: set[str]) -> None:
     names = {c.name or c.callback.__name__ for c in module.registered_commands}  # type: ignore[union-attr]
@@ -41,7 +42,8 @@ def test_each_noun_is_its_own_typer_app(module, commands: set[str]) -> None:
 def test_root_carries_the_fabric_commands() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("up", "down", "status", "env", "config", "demo", "head", "donor", "job", "token", "serve"):
+    for command in ("up", "down", "status", "env", "config", "demo", "head", "donor", "job", "token", "serve",
+                    "storage"):
         assert command in result.output
 
 
@@ -50,7 +52,7 @@ def test_config_and_env_show_the_effective_settings(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "DGPT_API_PORT" in result.output and "28080" in result.output
     result = runner.invoke(app, ["env", "--home", str(tmp_path)], env={"DGPT_API_PORT": "28080"})
     assert f"export DGPT_HOME={tmp_path}" in result.output
-    assert "export DGPT_HEAD_URL=http://127.0.0.1:28080" in result.output
+    assert "export DGPT_HEAD_URL=https://127.0.0.1:28080" in result.output  # it listens beyond loopback: TLS
 
 
 def test_tokens_are_created_listed_and_revoked(api_server: ApiServer) -> None:

@@ -337,3 +337,114 @@ def test_a_broken_registry_answer_is_reported_once_and_routing_goes_on(
     warnings = [r for r in caplog.records if "cannot read donor states" in r.getMessage()]
     assert len(warnings) == 1
     assert "registry" in warnings[0].getMessage()
+
+
+def test_the_router_uses_only_the_public_request_router_api() -> None:
+    """Serve's RequestRouter keeps its state in private fields that change between releases:
+    DonorAwareRouter reads curr_replicas and replica_queue_len_cache, and its own fields only."""
+    import ast
+    import inspect
+
+    source = inspect.getsource(router_mod.DonorAwareRouter)
+    tree = ast.parse(source)
+    own = {t.attr for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign))
+           for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+           if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    own |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    used = {n.attr for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"}
+    private_of_serve = {a for a in used - own if a.startswith("_")}
+    assert not private_of_serve, f"reaches into RequestRouter's private fields: {sorted(private_of_serve)}"
+    assert {"curr_replicas", "replica_queue_len_cache"} <= used
+
+
+def test_parse_node_states_reads_trust_and_owner_when_present() -> None:
+    states = parse_node_states({
+        "n1": {"state": "active", "trust": 0.12, "owner": "alice"},
+        "n2": {"state": "active"},
+        "n3": {"state": "active", "trust": "high", "owner": 7},
+        "n4": {"state": "active", "trust": 3.0, "owner": ""},
+        "n5": {"state": "active", "trust": True},
+        "n6": {"state": "active", "trust": float("nan")},
+    })
+    assert (states["n1"].trust, states["n1"].owner) == (0.12, "alice")
+    assert (states["n2"].trust, states["n2"].owner) == (None, None)
+    assert (states["n3"].trust, states["n3"].owner) == (None, None)
+    assert (states["n4"].trust, states["n4"].owner) == (1.0, None)
+    assert states["n5"].trust is None and states["n6"].trust is None
+
+
+def test_low_trust_donors_get_no_requests_until_they_are_all_that_is_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body() -> None:
+        registry = FakeRegistry({
+            "node-a": {"donor_id": "d-a", "state": "active", "trust": 0.1},  # caught returning wrong results
+            "node-b": {"donor_id": "d-b", "state": "active", "trust": 0.8},
+            "node-c": {"donor_id": "d-c", "state": "active"},  # never checked: unknown, routable
+        })
+        use_registry(monkeypatch, registry)
+        clock = FakeClock()
+        router = make_router([FakeReplica("a", "node-a"), FakeReplica("b", "node-b"), FakeReplica("c", "node-c")],
+                             clock)
+        await refresh(router)
+        assert sorted(r.unique_id for r in router.routable_replica_ids) == ["b", "c"]
+        assert await chosen_ids(router, 60) == {"b", "c"}
+        registry.states = {n: {"state": "active", "trust": 0.05} for n in ("node-a", "node-b", "node-c")}
+        clock.now += 1.0
+        await refresh(router)
+        assert await chosen_ids(router, 60) == {"a", "b", "c"}
+        # A stricter threshold, set at deploy time, is honoured.
+        strict = make_router([FakeReplica("a", "node-a"), FakeReplica("b", "node-b")], clock, min_trust=0.9)
+        registry.states = {"node-a": {"state": "active", "trust": 0.8}, "node-b": {"state": "active", "trust": 0.95}}
+        await refresh(strict)
+        assert await chosen_ids(strict) == {"b"}
+
+    run(body)
+
+
+def _shadow_request(request_id: str, avoid_owners: list[str], avoid_nodes: list[str]) -> PendingRequest:
+    from dgpt.serve.ranking import SHADOW_KWARG
+
+    return PendingRequest(args=[1], kwargs={SHADOW_KWARG: {"avoid_owners": avoid_owners, "avoid_nodes": avoid_nodes}},
+                          metadata=RequestMetadata(request_id=request_id, internal_request_id=request_id))
+
+
+def test_a_shadow_copy_goes_to_another_owners_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body() -> None:
+        registry = FakeRegistry({
+            "node-a1": {"donor_id": "d-a1", "state": "active", "owner": "alice"},
+            "node-a2": {"donor_id": "d-a2", "state": "active", "owner": "alice"},
+            "node-b": {"donor_id": "d-b", "state": "active", "owner": "bob"},
+            "node-c": {"donor_id": "d-c", "state": "active", "owner": "carol", "trust": 0.1},
+        })
+        use_registry(monkeypatch, registry)
+        replicas = [FakeReplica("a1", "node-a1"), FakeReplica("a2", "node-a2"), FakeReplica("b", "node-b"),
+                    FakeReplica("c", "node-c")]
+        router = make_router(replicas, FakeClock())
+        await refresh(router)
+        seen: set[str] = set()
+        for i in range(40):
+            ranks = await router.choose_replicas(router._replicas_list, _shadow_request(f"s{i}", ["alice"], ["node-a1"]))
+            seen |= {rank[0].replica_id.unique_id for rank in ranks}
+        assert seen == {"b"}  # not alice's, and carol's only while bob's is there
+        # Only alice's and carol's left to avoid alice: the distrusted other owner still beats her.
+        seen = set()
+        for i in range(40):
+            ranks = await router.choose_replicas(router._replicas_list,
+                                                 _shadow_request(f"t{i}", ["alice", "bob"], ["node-a1", "node-b"]))
+            seen |= {rank[0].replica_id.unique_id for rank in ranks}
+        assert seen == {"c"}
+        # Nobody else: the copy is routed as any request (its wrapper sees it came back from a known owner).
+        seen = set()
+        for i in range(40):
+            ranks = await router.choose_replicas(router._replicas_list,
+                                                 _shadow_request(f"u{i}", ["alice", "bob", "carol"], []))
+            seen |= {rank[0].replica_id.unique_id for rank in ranks}
+        assert seen == {"a1", "a2", "b"}
+
+    run(body)
+
+
+def test_router_config_validates_min_trust() -> None:
+    assert router_config(min_trust=0.5)["request_router_kwargs"] == {"min_trust": 0.5}
+    with pytest.raises(ServeError, match="min_trust"):
+        router_config(min_trust=2.0)

@@ -11,13 +11,32 @@ from dgpt.donor.idle import HoursDetector, LoadDetector, SwitchDetector, first_r
 
 
 def test_load_above_the_threshold_for_three_polls_means_the_owner_is_back() -> None:
-    loads = iter([0.9, 0.9, 0.2, 0.9, 0.9, 0.9, 0.1])
+    loads = iter([0.9, 0.9, 0.2, 0.9, 0.9, 0.9])
     d = LoadDetector(0.6, read_load=lambda: next(loads))
-    seen = [d.owner_active() for _ in range(7)]
+    seen = [d.owner_active() for _ in range(6)]
     # One or two busy polls are noise (a compile, an update check); three in a row are a person.
     assert seen[:5] == [None] * 5
     assert seen[5] is not None and "0.90/core above 0.6" in seen[5]
-    assert seen[6] is None, "idle again at once when the load drops"
+
+
+def test_the_owner_stays_back_until_the_load_has_been_calm_for_calm_s() -> None:
+    load, clock = [0.9], [0.0]
+    d = LoadDetector(0.6, read_load=lambda: load[0], patience=1, calm_s=60.0, now=lambda: clock[0])
+    assert d.owner_active() is not None
+    load[0] = 0.1  # a pause between bursts: still the owner's machine
+    for t in (1.0, 30.0, 60.5):
+        clock[0] = t
+        assert d.owner_active() is not None, f"still back {t - 1.0:.0f} s into the calm"
+    load[0] = 0.9  # busy again: the calm starts over
+    clock[0] = 70.0
+    assert d.owner_active() is not None
+    load[0] = 0.1
+    for t in (71.0, 100.0):
+        clock[0] = t
+        assert d.owner_active() is not None
+    clock[0] = 131.0
+    assert d.owner_active() is None, "idle after 60 s of calm"
+    assert d.owner_active() is None
 
 
 def test_load_at_the_threshold_is_still_idle() -> None:
@@ -58,3 +77,16 @@ def test_the_first_detector_with_a_reason_wins(tmp_path: Path) -> None:
     detectors = [LoadDetector(0.6, read_load=lambda: 0.0), SwitchDetector(tmp_path / "paused")]
     assert first_reason(detectors) == "paused by the owner"
     assert first_reason([LoadDetector(0.6, read_load=lambda: 0.0)]) is None
+
+
+def test_the_agent_gives_its_load_detector_the_configured_calm(tmp_path) -> None:
+    from dgpt.donor.agent import AgentConfig, DonorAgent
+    from dgpt.ray_node import NodePorts
+    from dgpt.sdk.models import DeviceProfile, DonorCaps
+
+    cfg = AgentConfig(head_url="http://127.0.0.1:9", join_token="t", name="d", device_class="desktop", owner="o",
+                      state_dir=tmp_path, caps=DonorCaps(cpus=1, memory_bytes=2**30),
+                      profile=DeviceProfile(cpus=2, memory_bytes=2**32, cpu_gflops=1.0),
+                      ports=NodePorts(6380, "10002-10999"), load_threshold=0.5, load_calm_s=7.0)
+    (detector,) = [d for d in DonorAgent(cfg).detectors if isinstance(d, LoadDetector)]
+    assert (detector.threshold, detector.calm_s) == (0.5, 7.0)

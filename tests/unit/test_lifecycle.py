@@ -1,4 +1,5 @@
-"""The donor lifecycle's pure transition function: every (state, event) pair, and event sequences."""
+"""The donor lifecycle's pure transition function: every (state, event) pair, event sequences,
+and the pause on the head (drained, then kept out until resumed)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dgpt.contract import AgentState, DonorState, HeartbeatAction, LeaveReason, SessionEnd, Target
+from dgpt.contract import (
+    AgentState,
+    DonorState,
+    HeartbeatAction,
+    LeaveReason,
+    PausedBy,
+    SessionEnd,
+    Target,
+)
 from dgpt.head.lifecycle import (
     EVENT_TYPES,
     Event,
@@ -19,7 +28,9 @@ from dgpt.head.lifecycle import (
     NodeAlive,
     NodeDead,
     Outcome,
+    Paused,
     Registered,
+    Resumed,
     Silent,
     TargetSet,
     step,
@@ -39,6 +50,10 @@ def _legal(lc: Lifecycle) -> None:
         assert lc.drain_reason and lc.drain_deadline_at is not None, lc
     else:
         assert lc.drain_reason is None or lc.state is DonorState.DRAINING, lc
+    if lc.paused:
+        # Paused: out of Ray (or leaving it), and the autoscaler's target cannot bring it back.
+        assert lc.target is Target.STANDBY and lc.paused_at is not None, lc
+        assert lc.state not in (DonorState.ACTIVATING, DonorState.ACTIVE), lc
 
 
 def _records() -> list[Lifecycle]:
@@ -53,6 +68,9 @@ def _records() -> list[Lifecycle]:
             out.append(replace(base, drain_reason="paused", drain_deadline_at=NOW + 10))
         else:
             out.append(base)
+    # Paused on the head: every state a paused donor can be in (its target is standby).
+    for lc in [r for r in out if r.target is Target.STANDBY and r.state not in (DonorState.ACTIVATING, DonorState.ACTIVE)]:
+        out.append(replace(lc, paused_by=PausedBy.DONOR, paused_at=NOW - 5))
     return out
 
 
@@ -60,6 +78,7 @@ def _events() -> list[Event]:
     beats = [Heartbeat(agent, owner) for agent in AgentState for owner in (False, True)]
     return [Registered(), *beats, TargetSet(Target.ACTIVE), TargetSet(Target.STANDBY),
             LeaveRequested(LeaveReason.PAUSED.value, 20.0), LeaveRequested(LeaveReason.AUTOSCALER.value, 20.0),
+            Paused(PausedBy.DONOR), Paused(PausedBy.OPERATOR), Resumed(),
             NodeAlive("n1"), NodeAlive("n2"), NodeDead("n1"), NodeDead("n2"), Silent(30.0)]
 
 
@@ -79,6 +98,7 @@ def _check_outcome(before: Lifecycle, event: Event, out: Outcome) -> None:
     if out.reply is not None:
         if out.reply.action is HeartbeatAction.ACTIVATE:
             assert isinstance(event, Heartbeat) and not event.owner_active
+            assert not out.lifecycle.paused, "a paused donor is never activated"
         if out.reply.action is HeartbeatAction.DRAIN:
             assert out.lifecycle.state is DonorState.DRAINING and (out.reply.deadline_s or 0) > 0
     if out.drain_node is not None:
@@ -94,7 +114,7 @@ def test_every_state_event_pair_is_handled_and_legal() -> None:
         pairs += 1
     covered = {(r.state, type(e)) for r, e in itertools.product(_records(), _events())}
     assert covered == set(itertools.product(DonorState, EVENT_TYPES))
-    assert pairs == 14 * 18  # 7 legal records per target, both targets, x 18 events
+    assert pairs == 19 * 21  # 7 legal records per target, both targets, 5 paused ones, x 21 events
 
 
 @pytest.mark.parametrize(("state", "event", "after"), [
@@ -139,6 +159,44 @@ def test_the_autoscaler_scale_down_and_the_drain_deadline_ride_on_heartbeats() -
     assert again.lifecycle.drain_reason == "autoscaler" and again.drain_node is None
 
 
+def test_a_pause_drains_the_donor_and_keeps_it_out_until_resumed() -> None:
+    active = Lifecycle(DonorState.ACTIVE, Target.ACTIVE, node_id="n1")
+    paused = step(active, Paused(PausedBy.DONOR), NOW, DEADLINE)
+    lc = paused.lifecycle
+    assert paused.drain_node == "n1" and lc.state is DonorState.DRAINING and lc.drain_reason == "paused"
+    assert (lc.paused_by, lc.paused_at, lc.target) == (PausedBy.DONOR, NOW, Target.STANDBY)
+    # The agent, still running, is told to drain; its reason travels with the answer.
+    reply = step(lc, Heartbeat(AgentState.ACTIVE), NOW + 1, DEADLINE).reply
+    assert reply is not None and (reply.action, reply.reason) == (HeartbeatAction.DRAIN, "paused")
+    gone = step(lc, NodeDead("n1"), NOW + 5, DEADLINE)
+    assert gone.closed is not None and (gone.closed.how, gone.closed.why) == (SessionEnd.DRAINED, "paused")
+    lc = step(gone.lifecycle, Heartbeat(AgentState.STANDBY), NOW + 6, DEADLINE).lifecycle
+    # The autoscaler wants it back: nothing changes, and its heartbeats say why it stays out.
+    assert step(lc, TargetSet(Target.ACTIVE), NOW + 7, DEADLINE).lifecycle == lc
+    standby = step(lc, Heartbeat(AgentState.STANDBY), NOW + 8, DEADLINE)
+    assert standby.reply is not None and standby.reply.action is HeartbeatAction.STANDBY
+    assert "paused" in standby.reply.reason and standby.lifecycle.state is DonorState.STANDBY
+    # A second pause keeps the first one's author and time; a re-registration keeps the pause.
+    assert step(lc, Paused(PausedBy.OPERATOR), NOW + 9, DEADLINE).lifecycle.paused_by is PausedBy.DONOR
+    assert step(lc, Registered(), NOW + 9, DEADLINE).lifecycle.paused
+    resumed = step(lc, Resumed(), NOW + 10, DEADLINE).lifecycle
+    assert not resumed.paused and resumed.paused_at is None and resumed.target is Target.STANDBY
+    wanted = step(resumed, TargetSet(Target.ACTIVE), NOW + 11, DEADLINE).lifecycle
+    again = step(wanted, Heartbeat(AgentState.STANDBY), NOW + 12, DEADLINE)
+    assert again.reply is not None and again.reply.action is HeartbeatAction.ACTIVATE
+
+
+def test_a_raylet_that_runs_while_paused_is_drained() -> None:
+    # Paused while its raylet was starting (or before a head restart): the next heartbeat drains it.
+    lc = Lifecycle(DonorState.STANDBY, Target.STANDBY, paused_by=PausedBy.OPERATOR, paused_at=NOW)
+    out = step(lc, Heartbeat(AgentState.STARTING), NOW + 1, DEADLINE)
+    assert out.reply is not None and out.reply.action is HeartbeatAction.DRAIN
+    assert out.lifecycle.state is DonorState.DRAINING and out.lifecycle.drain_reason == "paused"
+    activating = Lifecycle(DonorState.ACTIVATING, Target.ACTIVE)
+    out = step(activating, Paused(PausedBy.DONOR), NOW, DEADLINE)
+    assert out.lifecycle.state is DonorState.DRAINING and out.drain_node is None
+
+
 @st.composite
 def event_sequences(draw: st.DrawFn) -> list[tuple[Event, float]]:
     n = draw(st.integers(1, 40))
@@ -148,6 +206,8 @@ def event_sequences(draw: st.DrawFn) -> list[tuple[Event, float]]:
         st.builds(Heartbeat, st.sampled_from(list(AgentState)), st.booleans(), st.none()),
         st.builds(TargetSet, st.sampled_from(list(Target))),
         st.builds(LeaveRequested, st.sampled_from([r.value for r in LeaveReason]), st.floats(1, 120)),
+        st.builds(Paused, st.sampled_from(list(PausedBy))),
+        st.just(Resumed()),
         st.builds(NodeAlive, nodes),
         st.builds(NodeDead, nodes),
         st.builds(Silent, st.floats(1, 120)),

@@ -388,3 +388,25 @@ def test_public_api_does_not_start_ray() -> None:
     # gang() builds its arguments, then needs a running Ray: the unit conftest refuses init.
     with pytest.raises(Exception):  # noqa: B017 - whatever Ray raises when not connected
         placement.gang("training", [{"CPU": 1}], horizon_s=HOUR, snapshot=s)
+
+
+def test_a_replica_waits_for_a_new_owner_rather_than_share_one() -> None:
+    s = FleetView(now_s=NOW, active=(node(1, owner="alice"),), spare_owners=("bob", "carol"))
+    opts = decide_options("inference", s, existing_owners={"alice"}, num_cpus=1)
+    assert opts["label_selector"] == {lbl.LABEL_ROLE: lbl.ROLE_DONOR, lbl.LABEL_OWNER: "in(bob, carol)"}
+    assert "fallback_strategy" not in opts, "it waits for the autoscaler to activate bob or carol"
+    # No standby owner left: sharing is the only way, so it shares.
+    alone = FleetView(now_s=NOW, active=(node(1, owner="alice"),))
+    assert decide_options("inference", alone, existing_owners={"alice"}, num_cpus=1)["label_selector"][
+        lbl.LABEL_DONOR_ID] == "donor-1"
+    # A full cluster with a spare owner: wait for it instead of failing.
+    full = FleetView(now_s=NOW, active=(node(1, owner="alice", free=0),), spare_owners=("bob",))
+    assert decide_options("inference", full, num_cpus=1)["label_selector"][lbl.LABEL_OWNER] == "in(bob)"
+
+
+def test_spare_owners_are_standby_owners_with_nothing_in_the_cluster_best_first() -> None:
+    steady = node(7, owner="bob", up_s=50 * HOUR)
+    flaky = node(8, owner="carol", rel=FLAKY, up_s=60)
+    busy = node(9, owner="alice")
+    view = FleetView(now_s=NOW, active=(node(1, owner="alice"),)).with_standby([flaky, steady, busy])
+    assert view.best_spare_owners() == ("bob", "carol")

@@ -1,7 +1,8 @@
 """The registry on a real SQLite file, with a fake Ray node table and a fake clock.
 
 Registration and tokens, heartbeats and their answers, the monitor's reconciliation with
-Ray's nodes, silence, the fleet view placement and the autoscaler read, pagination, and
+Ray's nodes, silence, the fleet view placement and the autoscaler read, pagination, the
+pause on the head, what the pages show (fleet size over time, ended sessions, load), and
 what survives reopening the file. No Ray: the adapter is a fake node table.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dgpt.config import load_settings
-from dgpt.contract import LABEL_DONOR_ID, DonorState, HeartbeatAction, LeaveReason, Target
+from dgpt.contract import LABEL_DONOR_ID, DonorState, HeartbeatAction, LeaveReason, PausedBy, Target
 from dgpt.exceptions import AuthError, Conflict, InvalidRequest, NotFound
 from dgpt.head import registry as registry_module
 from dgpt.head.ray_adapter import NodeUsage, RayNode
@@ -30,21 +31,30 @@ class FakeRay:
 
     def __init__(self) -> None:
         self.nodes_by_id: dict[str, tuple[str, bool]] = {}
+        self.started: dict[str, int] = {}
+        self.extra: dict[str, dict[str, float]] = {}
+        self.fail_drains = False
         self.drains: list[tuple[str, str]] = []
         self.refuse_idle = False
 
     def join(self, node_id: str, donor_id: str) -> None:
         self.nodes_by_id[node_id] = (donor_id, True)
+        self.started[node_id] = len(self.started) + 1
 
     def die(self, node_id: str) -> None:
         donor_id, _ = self.nodes_by_id[node_id]
         self.nodes_by_id[node_id] = (donor_id, False)
 
     def nodes(self) -> list[RayNode]:
-        return [RayNode(node_id=n, alive=alive, labels={LABEL_DONOR_ID: d}, resources_total={}, node_ip="10.0.0.2",
-                        is_head=False) for n, (d, alive) in self.nodes_by_id.items()]
+        # Newest first, as a dict of the GCS's might list them: the registry must not rely on order.
+        return [RayNode(node_id=n, alive=alive, labels={LABEL_DONOR_ID: d} if d else {},
+                        resources_total=self.extra.get(n, {}), node_ip="10.0.0.2", is_head=False,
+                        started_ms=self.started.get(n, 0))
+                for n, (d, alive) in reversed(self.nodes_by_id.items())]
 
     def drain_node(self, node_id: str, reason: str, message: str, deadline_s: float) -> tuple[bool, str]:
+        if self.fail_drains:
+            raise RuntimeError("GCS unavailable")
         self.drains.append((node_id, reason))
         if reason == "idle" and self.refuse_idle:
             return False, "node is busy"
@@ -279,6 +289,90 @@ def test_silence_ends_lost_and_a_rejoin_opens_a_new_session(reg: Registry, ray: 
         ("n1", "lost"), ("n2", None)]
 
 
+def test_a_killed_agents_old_node_still_listed_alive_is_never_matched_again(reg: Registry, ray: FakeRay, clock: Clock,
+                                                                         token: str) -> None:
+    # A whole donor SIGKILLed and restarted at once: its new agent registers and starts a new
+    # raylet while the GCS still lists the old one alive (its health check has not failed yet).
+    d = reg.register(_request(), token)
+    _activate(reg, ray, clock, d.donor_id, d.donor_secret, "n1")
+    reg.register(_request(donor_id=d.donor_id, donor_secret=d.donor_secret), token)
+    reg.tick()  # n1 still alive: not reopened for the new agent
+    assert reg.donor_view(d.donor_id).state is not DonorState.ACTIVE
+    _activate(reg, ray, clock, d.donor_id, d.donor_secret, "n2")
+    for _ in range(5):
+        clock.now += 1
+        reg.tick()
+    ray.die("n1")
+    reg.tick()
+    sessions = [(s.node_id, s.ended_as.value if s.ended_as else None) for s in reg.donor_view(d.donor_id).sessions]
+    assert sessions == [("n1", "lost"), ("n2", None)], "one lost session for the killed raylet, no flapping"
+
+
+def test_a_newer_raylet_of_the_same_donor_wins_over_an_older_one(reg: Registry, ray: FakeRay, clock: Clock,
+                                                                 token: str) -> None:
+    d = reg.register(_request(), token)
+    _activate(reg, ray, clock, d.donor_id, d.donor_secret, "n1")
+    ray.join("n2", d.donor_id)  # a new raylet while the old one still looks alive
+    for _ in range(4):
+        clock.now += 1
+        reg.tick()
+    sessions = [(s.node_id, s.ended_as.value if s.ended_as else None) for s in reg.donor_view(d.donor_id).sessions]
+    assert sessions == [("n1", "lost"), ("n2", None)]
+
+
+def test_a_node_that_joins_without_a_session_is_flagged_drained_and_never_matched(reg: Registry, ray: FakeRay,
+                                                                                  clock: Clock, token: str) -> None:
+    d = reg.register(_request(), token)
+    _activate(reg, ray, clock, d.donor_id, d.donor_secret, "n1")
+    ray.nodes_by_id["stranger"] = ("", True)  # the Ray token, but no donor session
+    ray.join("poser", d.donor_id)  # a second raylet under d's donor id, claiming the head's resource
+    ray.extra["poser"] = {"node:__internal_head__": 1.0}
+    clock.now += 1
+    reg.tick()
+    rogue = {r.node_id: r for r in reg.rogue_nodes()}
+    assert set(rogue) == {"stranger", "poser"}
+    assert "no dgpt.io/donor-id label" in rogue["stranger"].reason and "head's resource" in rogue["poser"].reason
+    assert all(r.drain_requested for r in rogue.values())
+    assert ("stranger", "preemption") in ray.drains and ("poser", "preemption") in ray.drains
+    view = reg.donor_view(d.donor_id)
+    assert view.node_id == "n1" and [s.node_id for s in view.sessions] == ["n1"], "the poser took no session"
+    reg.tick()
+    assert [n for n, _ in ray.drains].count("poser") == 1, "drained once"
+    ray.join("late", "")  # a drain that fails is asked again on the next tick
+    ray.fail_drains = True
+    reg.tick()
+    assert not {r.node_id: r for r in reg.rogue_nodes()}["late"].drain_requested
+    ray.fail_drains = False
+    reg.tick()
+    assert {r.node_id: r for r in reg.rogue_nodes()}["late"].drain_requested
+    del ray.nodes_by_id["late"]
+    del ray.nodes_by_id["stranger"]
+    reg.tick()
+    gone = {r.node_id: r.gone_at for r in reg.rogue_nodes()}
+    assert gone == {"stranger": clock.now, "poser": None, "late": clock.now}, "gone nodes stay listed, marked gone"
+    asked = len(ray.drains)
+    reg.tick()
+    assert len(ray.drains) == asked, "a gone node is never asked to drain again"
+    clock.now += registry_module.ROGUE_GONE_KEPT_S + 1
+    reg.tick()
+    assert [r.node_id for r in reg.rogue_nodes()] == ["poser"], "gone nodes leave the list after a while"
+
+
+def test_a_drained_donors_raylet_gets_a_grace_before_it_counts_as_sessionless(reg: Registry, ray: FakeRay,
+                                                                             clock: Clock, token: str) -> None:
+    d = reg.register(_request(), token)
+    _activate(reg, ray, clock, d.donor_id, d.donor_secret, "n1")
+    reg.set_target(d.donor_id, Target.STANDBY)
+    _beat(reg, d.donor_id, d.donor_secret, "standby")  # the agent says its raylet stopped; Ray still lists it
+    reg.tick()
+    assert reg.rogue_nodes() == []
+    clock.now += 31
+    _beat(reg, d.donor_id, d.donor_secret, "standby")
+    reg.tick()
+    (rogue,) = reg.rogue_nodes()
+    assert rogue.node_id == "n1" and "granted no session (standby)" in rogue.reason
+
+
 def test_a_standby_donor_times_out_only_after_its_longer_interval(reg: Registry, token: str, clock: Clock) -> None:
     d = reg.register(_request(), token)
     _beat(reg, d.donor_id, d.donor_secret)
@@ -368,6 +462,32 @@ def test_node_states_carry_fresh_state_reliability_and_reachability(reg: Registr
     _beat(reg, flaky.donor_id, flaky.donor_secret, "draining")
     states = reg.node_states()
     assert not states["n-steady"]["reachable"] and states["n-flaky"]["reachable"]
+
+
+def test_node_states_and_donor_views_carry_the_trust_the_verification_store_gives(
+        reg: Registry, ray: FakeRay, clock: Clock, token: str, tmp_path: Path) -> None:
+    from dgpt.verify.trust import DonorOutcome, TrustBook
+
+    book = TrustBook(tmp_path / "trust.sqlite")  # the control plane points it at registry.sqlite
+    reg.trust_scores = book.scores
+    reg.trust_record = lambda donor_id: (r.as_dict() if (r := book.summary(donor_id)) else None)
+    liar = reg.register(_request("liar", owner="l"), token)
+    honest = reg.register(_request("honest", owner="h"), token)
+    _activate(reg, ray, clock, liar.donor_id, liar.donor_secret, "n-liar")
+    _activate(reg, ray, clock, honest.donor_id, honest.donor_secret, "n-honest")
+    assert reg.node_states()["n-liar"]["trust"] is None, "never checked: unknown, not a made-up score"
+    book.record([DonorOutcome(liar.donor_id, "t1", "invalid", node_id="n-liar"),
+                 DonorOutcome(honest.donor_id, "t1", "valid", node_id="n-honest")])
+    states = reg.node_states()
+    assert states["n-liar"]["trust"] < states["n-honest"]["trust"]
+    assert (states["n-liar"]["owner"], states["n-honest"]["owner"]) == ("l", "h")
+    view = reg.donor_view(liar.donor_id)
+    assert view.trust == states["n-liar"]["trust"] and view.verification is not None
+    assert (view.verification.invalid, view.verification.valid) == (1, 0)
+    assert [(o.task_id, o.outcome) for o in view.verification.recent] == [("t1", "invalid")]
+    page, _, _ = reg.list_donors()
+    assert {d.name: d.trust for d in page} == {"liar": view.trust, "honest": states["n-honest"]["trust"]}
+    assert all(d.verification is None for d in page), "pages carry the score, not every record"
 
 
 def test_reliability_is_refitted_only_when_a_session_ends(reg: Registry, ray: FakeRay, clock: Clock, token: str,
@@ -485,3 +605,173 @@ def test_a_donor_that_cannot_reach_the_gcs_gives_way_to_another(reg: Registry, t
     _beat(reg, d.donor_id, d.donor_secret)  # it reaches the GCS again
     assert reg.donor_view(d.donor_id).problem is None
     assert d.donor_id in {str(x) for x in reg.fleet_view().standby.donor_ids}
+
+
+# ---------------------------------------------------------------- pause on the head
+
+
+def _standby_ids(reg: Registry) -> list[str]:
+    return [str(d) for d in reg.fleet_view().standby.donor_ids]
+
+
+def test_a_paused_donor_drains_ends_drained_and_stays_out_until_resumed(reg: Registry, ray: FakeRay, clock: Clock,
+                                                                        token: str) -> None:
+    d = reg.register(_request(), token)
+    _activate(reg, ray, clock, d.donor_id, d.donor_secret, "n1")
+    by = reg.pauser(d.donor_id, d.donor_secret)
+    answer = reg.pause(d.donor_id, by)
+    assert by is PausedBy.DONOR and answer.paused and answer.paused_by is PausedBy.DONOR and answer.paused_at == clock.now
+    assert answer.state is DonorState.DRAINING and answer.drain_requested and ray.drains == [("n1", "preemption")]
+    drain = _beat(reg, d.donor_id, d.donor_secret, "active")
+    assert drain.action is HeartbeatAction.DRAIN and drain.reason == "paused"
+    ray.die("n1")
+    clock.now += 1
+    reg.tick()
+    _beat(reg, d.donor_id, d.donor_secret, "standby")
+    view = reg.donor_view(d.donor_id)
+    assert (view.state, view.paused, view.paused_by, view.target) == (DonorState.STANDBY, True, PausedBy.DONOR,
+                                                                     Target.STANDBY)
+    session = view.sessions[-1]
+    assert (session.ended_as.value if session.ended_as else None, session.end_reason) == ("drained", "paused")
+    # The autoscaler never sees it as a candidate, and wanting it changes nothing.
+    assert d.donor_id not in _standby_ids(reg)
+    reg.set_target(d.donor_id, Target.ACTIVE)
+    standby = _beat(reg, d.donor_id, d.donor_secret)
+    assert standby.action is HeartbeatAction.STANDBY and standby.ray is None and "paused" in standby.reason
+    assert reg.pause(d.donor_id, PausedBy.OPERATOR).message.startswith("already paused by donor")
+    resumed = reg.resume(d.donor_id, PausedBy.DONOR)
+    assert not resumed.paused and resumed.paused_by is None and "resumed" in resumed.message
+    assert d.donor_id in _standby_ids(reg)
+    reg.set_target(d.donor_id, Target.ACTIVE)
+    assert _beat(reg, d.donor_id, d.donor_secret).action is HeartbeatAction.ACTIVATE
+    assert reg.resume(d.donor_id, PausedBy.OPERATOR).message == "not paused"
+
+
+def test_a_standby_donor_paused_by_an_operator_is_not_drained(reg: Registry, ray: FakeRay, token: str) -> None:
+    d = reg.register(_request(), token)
+    _beat(reg, d.donor_id, d.donor_secret)
+    answer = reg.pause(d.donor_id, PausedBy.OPERATOR)
+    assert answer.state is DonorState.STANDBY and not answer.drain_requested and ray.drains == []
+    assert "not running" in answer.message and reg.donor_view(d.donor_id).paused_by is PausedBy.OPERATOR
+    with pytest.raises(NotFound):
+        reg.pause("d-nobody", PausedBy.OPERATOR)
+    # The owner cannot lift an operator's pause; an operator can.
+    with pytest.raises(Conflict) as err:
+        reg.resume(d.donor_id, PausedBy.DONOR)
+    assert err.value.status_code == 409 and reg.donor_view(d.donor_id).paused
+    assert not reg.resume(d.donor_id, PausedBy.OPERATOR).paused
+
+
+def test_who_may_pause_a_donor(reg: Registry, token: str) -> None:
+    d = reg.register(_request(), token)
+    other = reg.register(_request("d2"), token)
+    api_key = reg.create_token("api", "operator").token
+    assert api_key
+    assert reg.pauser(d.donor_id, d.donor_secret) is PausedBy.DONOR
+    assert reg.pauser(d.donor_id, api_key) is PausedBy.OPERATOR
+    # Another donor's secret, a wrong one, an unknown donor: one answer, ids cannot be enumerated.
+    for donor_id, credential in ((d.donor_id, other.donor_secret), (d.donor_id, "x" * 20), ("d-nobody", "x" * 20)):
+        with pytest.raises(AuthError) as err:
+            reg.pauser(donor_id, credential)
+        assert err.value.status_code == 401 and err.value.message == registry_module.UNKNOWN_OR_WRONG
+    with pytest.raises(AuthError) as err:
+        reg.pauser(d.donor_id, None)
+    assert "secret or an API key" in err.value.message
+    with pytest.raises(NotFound):
+        reg.pauser("d-nobody", api_key)  # operators may know which donors exist
+
+
+def test_the_pause_survives_reopening_the_file(tmp_path: Path, ray: FakeRay, clock: Clock) -> None:
+    first = _registry(tmp_path, ray, clock)
+    token = first.create_token("join", "t").token
+    assert token
+    d = first.register(_request(), token)
+    _beat(first, d.donor_id, d.donor_secret)
+    first.pause(d.donor_id, PausedBy.DONOR)
+    first.store.close()
+    clock.now += 60
+    second = _registry(tmp_path, ray, clock)
+    view = second.donor_view(d.donor_id)
+    assert (view.paused, view.paused_by, view.paused_at) == (True, PausedBy.DONOR, T0)
+    # Its agent restarts too: registering again keeps the pause, and it is still not activated.
+    second.register(_request(donor_id=d.donor_id, donor_secret=d.donor_secret), token)
+    second.set_target(d.donor_id, Target.ACTIVE)
+    assert _beat(second, d.donor_id, d.donor_secret).action is HeartbeatAction.STANDBY
+    assert second.donor_view(d.donor_id).paused and d.donor_id not in _standby_ids(second)
+    with sqlite3.connect(second.store.path) as db:
+        assert db.execute("SELECT paused_by, paused_at FROM donors").fetchall() == [("donor", T0)]
+
+
+# ---------------------------------------------------------------- what the pages show
+
+
+def test_the_fleet_history_samples_changes_once_per_interval_and_stays_bounded(tmp_path: Path, ray: FakeRay,
+                                                                              clock: Clock, monkeypatch) -> None:
+    monkeypatch.setattr(registry_module, "FLEET_SAMPLES_KEPT", 5)
+    reg = _registry(tmp_path, ray, clock)
+    token = reg.create_token("join", "t").token
+    assert token
+    a = reg.register(_request("a"), token)
+    clock.now += 1  # the same 10 s interval: the later counts stand for it
+    reg.register(_request("b"), token)
+    assert reg.fleet_history() == [(T0 + 1, {"registered": 2}), (T0 + 1, {"registered": 2})]
+    clock.now += 20
+    _beat(reg, a.donor_id, a.donor_secret)
+    clock.now += 1
+    history = reg.fleet_history()
+    assert history[-2:] == [(T0 + 21, {"registered": 1, "standby": 1}), (T0 + 22, {"registered": 1, "standby": 1})]
+    assert [at for at, _ in reg.fleet_history(since=T0 + 1)] == [T0 + 21, T0 + 22], "only samples after `since`"
+    for i in range(10):
+        clock.now += 20
+        reg.register(_request(f"x{i}"), token)
+    assert len(reg.fleet_history()) == 5 + 1, "the oldest samples are dropped; the last point is now"
+    assert reg.fleet_history()[-1][1]["registered"] == 11
+
+
+def test_ended_sessions_are_listed_newest_first_and_survive_a_restart(tmp_path: Path, ray: FakeRay,
+                                                                      clock: Clock) -> None:
+    reg = _registry(tmp_path, ray, clock)
+    token = reg.create_token("join", "t").token
+    assert token
+    a, b = reg.register(_request("alpha"), token), reg.register(_request("beta"), token)
+    _activate(reg, ray, clock, a.donor_id, a.donor_secret, "na")
+    _activate(reg, ray, clock, b.donor_id, b.donor_secret, "nb")
+    ray.die("na")
+    clock.now += 1
+    reg.tick()
+    reg.leave(b.donor_id, b.donor_secret, LeaveRequest(reason=LeaveReason.LEAVE, deadline_s=10))
+    ray.die("nb")
+    clock.now += 1
+    reg.tick()
+    ended = reg.ended_sessions()
+    assert [(s.donor_name, s.ended_as.value if s.ended_as else None, s.end_reason) for s in ended] == [
+        ("beta", "drained", "leave"), ("alpha", "lost", "Ray node died")]
+    assert [s.donor_id for s in reg.ended_sessions(limit=1)] == [b.donor_id]
+    reg.store.close()
+    again = _registry(tmp_path, ray, clock)
+    assert [(s.donor_id, s.session_id) for s in again.ended_sessions()] == [(s.donor_id, s.session_id) for s in ended]
+
+
+def test_a_running_donors_view_carries_its_load(reg: Registry, ray: FakeRay, clock: Clock, token: str) -> None:
+    d = reg.register(_request(), token)
+    assert reg.donor_view(d.donor_id).load is None, "no raylet, no load"
+    _activate(reg, ray, clock, d.donor_id, d.donor_secret, "n1")
+    reg.update_usage([NodeUsage("n1", available={"CPU": 0.5}, total={"CPU": 2.0}, idle_s=0, status="RUNNING")])
+    assert reg.donor_view(d.donor_id).load == 0.75
+
+
+def test_a_file_of_an_older_head_gains_the_pause_columns_and_keeps_its_donors(tmp_path: Path, ray: FakeRay,
+                                                                              clock: Clock) -> None:
+    first = _registry(tmp_path, ray, clock)
+    token = first.create_token("join", "t").token
+    assert token
+    d = first.register(_request(), token)
+    first.store.close()
+    with sqlite3.connect(tmp_path / "head" / "registry.sqlite") as db:  # as a head before the pause wrote it
+        db.execute("ALTER TABLE donors DROP COLUMN paused_by")
+        db.execute("ALTER TABLE donors DROP COLUMN paused_at")
+    second = _registry(tmp_path, ray, clock)
+    assert not second.donor_view(d.donor_id).paused
+    second.pause(d.donor_id, PausedBy.OPERATOR)
+    second.store.close()
+    assert _registry(tmp_path, ray, clock).donor_view(d.donor_id).paused_by is PausedBy.OPERATOR

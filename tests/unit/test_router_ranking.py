@@ -16,17 +16,22 @@ from hypothesis import strategies as st
 from dgpt.contract import DonorState
 from dgpt.serve.ranking import (
     DEFAULT_RELIABILITY,
+    SHADOW_KWARG,
     DonorInfo,
     LatencyEstimate,
     RankingParams,
     ReplicaView,
+    ShadowHint,
+    avoiding,
     choose_candidates,
     choose_pair,
     current_latency_ms,
     expected_cost_ms,
     fleet_prior_ms,
+    parse_shadow_hint,
     rank_candidates,
     routable,
+    tier,
     update_latency,
 )
 
@@ -278,3 +283,66 @@ def test_steering_halves_p99_with_one_slow_replica(seed: int) -> None:
     p99_ours, slow_share_ours = _simulate(steer=True, seed=seed)
     assert slow_share_ours < slow_share_default / 3
     assert p99_ours <= 0.5 * p99_default, (p99_ours, p99_default)
+
+
+# ----- verification trust ----------------------------------------------------------------
+
+
+def _donor(trust: float | None, state: DonorState = DonorState.ACTIVE, owner: str | None = None) -> DonorInfo:
+    return DonorInfo(donor_id="d", state=state, reliability=0.9, trust=trust, owner=owner)
+
+
+def test_low_trust_donors_are_avoided_while_others_can_serve() -> None:
+    views = [view("liar", donor=_donor(0.1)), view("honest", donor=_donor(0.8)), view("new", donor=_donor(None))]
+    assert sorted(v.replica_id for v in routable(views)) == ["honest", "new"]
+    rng = random.Random(3)
+    for _ in range(200):
+        picked = choose_candidates(views, rng, now_s=0.0, prior_ms=10.0)
+        assert "liar" not in {v.replica_id for v in picked}
+
+
+def test_a_distrusted_donor_beats_a_leaving_one_and_loses_to_a_trusted_one() -> None:
+    liar, leaving = view("liar", donor=_donor(0.1)), view("leaving", donor=_donor(0.9, DonorState.DRAINING))
+    assert [v.replica_id for v in routable([liar, leaving])] == ["liar"]
+    # Even ten times cheaper, a distrusted replica ranks after a trusted one.
+    fast_liar = view("fast-liar", latency_ms=1.0, donor=_donor(0.1))
+    slow_honest = view("slow-honest", latency_ms=10.0, donor=_donor(0.9))
+    ranked = rank_candidates([fast_liar, slow_honest], now_s=0.0, prior_ms=10.0)
+    assert [v.replica_id for v in ranked] == ["slow-honest", "fast-liar"]
+    assert [tier(v.donor) for v in (slow_honest, fast_liar, leaving)] == [0, 1, 2]
+
+
+def test_the_trust_threshold_is_verifications_own_and_tunable() -> None:
+    from dgpt.verify.policy import DEFAULT_TRUST
+
+    assert PARAMS.min_trust == DEFAULT_TRUST.low
+    views = [view("a", donor=_donor(0.3)), view("b", donor=_donor(0.6))]
+    assert [v.replica_id for v in routable(views, RankingParams(min_trust=0.5))] == ["b"]
+    assert len(routable(views, RankingParams(min_trust=0.0))) == 2
+    with pytest.raises(ValueError, match="min_trust"):
+        RankingParams(min_trust=1.5)
+    with pytest.raises(ValueError, match="trust"):
+        DonorInfo(trust=-0.1)
+
+
+# ----- shadow hints ----------------------------------------------------------------------
+
+
+def test_shadow_hints_are_parsed_tolerantly() -> None:
+    assert parse_shadow_hint(None) is None
+    assert parse_shadow_hint({"x": 1}) is None
+    assert parse_shadow_hint({SHADOW_KWARG: "nonsense"}) is None
+    hint = parse_shadow_hint({SHADOW_KWARG: {"avoid_owners": ["alice"], "avoid_nodes": ("n1",), "new": 1}})
+    assert hint == ShadowHint(frozenset({"alice"}), frozenset({"n1"}))
+    assert parse_shadow_hint({SHADOW_KWARG: hint.as_kwarg()}) == hint
+    assert parse_shadow_hint({SHADOW_KWARG: {"avoid_owners": 5}}) == ShadowHint()
+
+
+def test_a_shadow_copy_avoids_the_owners_and_nodes_it_names() -> None:
+    views = [view("a1", donor=_donor(0.9, owner="alice")), view("b1", donor=_donor(0.9, owner="bob")),
+             view("x", donor=_donor(0.9, owner=None))]
+    hint = ShadowHint(avoid_owners=frozenset({"alice"}), avoid_nodes=frozenset({"node-x"}))
+    assert [v.replica_id for v in avoiding(views, hint)] == ["b1"]
+    # Without owners known, only the node is avoided.
+    assert [v.replica_id for v in avoiding(views, ShadowHint(avoid_nodes=frozenset({"node-a1"})))] == ["b1", "x"]
+    assert avoiding(views[:1], hint) == []
