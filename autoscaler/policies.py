@@ -257,6 +257,19 @@ def _hedge_cpus(
     return mean + z * math.sqrt(var), mean
 
 
+def _just_joined(donor: FleetDonor, now_s: float, grace_s: float) -> bool:
+    """A donor that joined within ``grace_s`` and runs nothing yet: its per-node shares are free.
+
+    Ray places work on a new node a moment after it joins, and reports pending demand a
+    moment later still; in between, demand that the new node is about to take still looks
+    pending. Counting the node as fresh keeps that demand from activating one more donor.
+    Once the grace has passed, an untouched node that demand still skips is taken at its
+    word (not fresh), so a zero-CPU replica cannot hide a real shortage for long."""
+    if donor.available is None or now_s - donor.since_s >= grace_s:
+        return False
+    return donor.available.cpus + EPS >= donor.caps.cpus and donor.available.gpus + EPS >= donor.caps.gpus
+
+
 def default_policy(
     ctx: AutoscalerContext, state: PolicyState | None = None
 ) -> tuple[tuple[AutoscalerDecision, ...], PolicyState]:
@@ -275,7 +288,7 @@ def default_policy(
     fleet = ctx.fleet
     unfit, active = _reserve_constraints(ctx.demand.constraints, fleet.active)
     live = [n for n in active if not n.draining]
-    bins = [_Bin.of(n.donor_id, n.free, n.labels) for n in live] + [
+    bins = [_Bin.of(n.donor_id, n.free, n.labels, fresh=_just_joined(n, now, b.activation_lead_time_s)) for n in live] + [
         _Bin.of(d.donor_id, d.caps, d.labels, fresh=True) for d in fleet.activating
     ]
     needs = _demand(list(ctx.demand.pending) + unfit, ctx)

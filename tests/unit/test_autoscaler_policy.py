@@ -271,6 +271,24 @@ def test_a_replica_limited_per_node_activates_a_donor_though_cpu_is_free_on_acti
     assert "at most 1 per node" in decisions[0].reason
 
 
+def test_a_donor_that_just_joined_and_runs_nothing_takes_the_pending_per_node_replica() -> None:
+    # Two replicas were pending; two donors were activated for them and have just joined, but
+    # Ray has not placed the replicas yet, so both still look pending. No third donor.
+    joined = [active(1, up_s=3), active(2, up_s=3)]
+    pending = [Resources.from_ray(SERVE_ONE_PER_NODE)] * 2
+    decisions, _ = default_policy(ctx(pending=pending, active=joined, standby=[standby(1), standby(2)]))
+    assert activated(decisions) == [], "the new donors are about to take the replicas"
+    # One of them took a replica (CPU used): only the other counts as fresh, so one is activated.
+    joined = [active(1, up_s=3, free=3.5), active(2, up_s=3)]
+    decisions, _ = default_policy(ctx(pending=pending, active=joined, standby=[standby(1), standby(2)]))
+    assert len(activated(decisions)) == 1
+    # Past the grace (activation_lead_time_s), an untouched donor that demand still skips is
+    # taken at its word: the demand gets a donor of its own.
+    late = [active(1, up_s=AutoscalerBounds().activation_lead_time_s + 1)]
+    decisions, _ = default_policy(ctx(pending=pending[:1], active=late, standby=[standby(1)]))
+    assert len(activated(decisions)) == 1
+
+
 def test_replicas_limited_per_node_each_get_their_own_new_donor_and_share_it_when_allowed() -> None:
     c = ctx(pending=[Resources.from_ray(SERVE_ONE_PER_NODE)] * 2, standby=[standby(i, cpus=8) for i in range(4)])
     assert len(activated(default_policy(c)[0])) == 2, "one replica per node: two donors for two replicas"
