@@ -60,6 +60,31 @@ def fabric_settings(home: Path, **extra: Any) -> Settings:
     return private_settings(home, **{**FAST_DONOR_TIMINGS, **extra})
 
 
+_WATCHED_ENV = ("RAY_", "DGPT_")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """Each module leaves the process environment as it found it (Ray and dgpt variables).
+
+    Code under test may set them in-process (Ray reads its auth settings from the
+    environment); a leak would change what later modules, unit tests among them, connect
+    to. The variables are put back, and the leak is reported as a warning naming them."""
+    before = {k: v for k, v in os.environ.items() if k.startswith(_WATCHED_ENV)}
+    yield
+    after = {k: v for k, v in os.environ.items() if k.startswith(_WATCHED_ENV)}
+    if after != before:
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        for key in changed:
+            if key in before:
+                os.environ[key] = before[key]
+            else:
+                os.environ.pop(key, None)
+        import warnings
+
+        warnings.warn(f"this module left {', '.join(changed)} changed in the environment; put back", stacklevel=1)
+
+
 @pytest.fixture(scope="module")
 def ray_test_env() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:

@@ -2,8 +2,15 @@
 
 import pytest
 
+#: Ambient Ray settings a developer's shell (or an earlier test module) may hold: the Ray Jobs
+#: client reads them in place of the address it is given, and its auth from them.
+RAY_AMBIENT = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
 @pytest.fixture(autouse=True)
 def _no_ray(monkeypatch):
+    for key in RAY_AMBIENT:
+        monkeypatch.delenv(key, raising=False)
     try:
         import ray
     except ImportError:  # pragma: no cover

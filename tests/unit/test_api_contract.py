@@ -281,7 +281,7 @@ def test_ray_jobs_unreachable_is_503(tmp_path: Any) -> None:
     try:
         r = httpx.post(f"{server.api}/jobs", json={"entrypoint": "echo hi"},
                        headers={"Authorization": f"Bearer {server.api_key}"}, timeout=60)
-        assert r.status_code == 503 and "does not answer" in _shape(r)["message"] and r.json()["hint"]
+        assert r.status_code == 503 and "does not answer" in _shape(r)["message"] and r.json()["hint"], r.text
     finally:
         server.stop()
 
