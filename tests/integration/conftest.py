@@ -70,6 +70,8 @@ def _environment_restored() -> Iterator[None]:
     Code under test may set them in-process (Ray reads its auth settings from the
     environment); a leak would change what later modules, unit tests among them, connect
     to. The variables are put back, and the leak is reported as a warning naming them."""
+    import ray  # noqa: F401 - importing Ray sets RAY_CLIENT_MODE=0 itself: not the module's leak
+
     before = {k: v for k, v in os.environ.items() if k.startswith(_WATCHED_ENV)}
     yield
     after = {k: v for k, v in os.environ.items() if k.startswith(_WATCHED_ENV)}
