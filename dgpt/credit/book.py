@@ -48,6 +48,11 @@ class LedgerStore(Protocol):
 
     def credit_tip(self) -> Tip: ...
 
+    def add_void_window(self, donor_id: str, start_at: float, end_at: float, reason: str,
+                        held_until: float, now: float) -> None: ...
+
+    def void_windows(self, now: float) -> list[dict[str, Any]]: ...
+
 
 LedgerReader = Callable[[], tuple[Iterator[dict[str, Any]], Tip]]
 
@@ -82,17 +87,23 @@ class CreditBook:
         store: the ledger's storage.
         reader: reads the ledger from its file through a connection of its own (for :meth:`verify`).
         on_change: called with (credit issued, credit voided) after each append (metrics).
+        hold_s: how long a void stays in force past its window's end (or past the void, when
+            later): at least the longest a metered interval stays open, so work metered
+            inside the window but written after the void is voided too.
     """
 
     def __init__(self, store: LedgerStore, reader: LedgerReader, clock: Callable[[], float] = time.time,
-                 on_change: Callable[[float, float], None] | None = None) -> None:
+                 on_change: Callable[[float, float], None] | None = None, hold_s: float = 3600.0) -> None:
         self.store = store
+        self.hold_s = hold_s
         self.reader = reader
         self.clock = clock
         self.on_change = on_change or (lambda issued, voided: None)
         self._lock = threading.RLock()
         self._donors: dict[str, _Donor] = {}
         self._voided: set[int] = set()
+        # Voids still in force (their rows in the store; read once here, kept up to date).
+        self._windows: list[dict[str, Any]] = self.store.void_windows(self.clock())
         self._load()
 
     def _load(self) -> None:
@@ -102,8 +113,13 @@ class CreditBook:
             for row in rows:
                 self._count(row)
             if len(rows) < LOAD_PAGE:
-                return
+                break
             after = int(rows[-1]["seq"])
+        # Rows written before a crash could void them: the windows still in force apply now.
+        with self._lock:
+            stored = self._append_voids(self._donors.keys())
+        if stored:
+            self.on_change(0.0, -sum(r["credit"] for r in stored))
 
     def _count(self, row: dict[str, Any]) -> None:
         """Reflect one stored row in memory (under the lock, or at load)."""
@@ -150,27 +166,56 @@ class CreditBook:
             stored = self.store.append_credit(rows)
             for row in stored:
                 self._count(row)
-        self.on_change(sum(r["credit"] for r in stored), 0.0)
+            voids = self._append_voids({r["donor_id"] for r in stored})
+        self.on_change(sum(r["credit"] for r in stored), -sum(r["credit"] for r in voids))
+        return stored
+
+    def _void_rows(self, donor_id: str, start_at: float, end_at: float, reason: str,
+                   now: float) -> list[dict[str, Any]]:
+        """Void rows for the donor's unvoided rows overlapping ``[start_at, end_at]`` (under the lock)."""
+        d = self._donors.get(donor_id)
+        hits = sorted((seq, v) for seq, v in (d.open_rows.items() if d else ())
+                      if v[1] <= end_at and v[2] >= start_at)
+        return [{
+            "kind": "void", "donor_id": donor_id, "session_id": sid, "node_id": None, "start_at": s0,
+            "end_at": s1, "cpu_s": 0.0, "gpu_s": 0.0, "memory_byte_s": 0.0, "w_cpu": 0.0, "w_gpu": 0.0,
+            "w_memory": 0.0, "credit": -credit, "voids_seq": seq, "reason": reason, "recorded_at": now,
+        } for seq, (sid, s0, s1, credit) in hits]
+
+    def _append_voids(self, donor_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Apply the windows still in force to these donors' rows (under the lock); the stored voids."""
+        wanted = set(donor_ids)
+        now = self.clock()
+        self._windows = [w for w in self._windows if w["held_until"] >= now]
+        rows: list[dict[str, Any]] = []
+        for w in self._windows if wanted else ():
+            if w["donor_id"] in wanted:
+                fresh = [r for r in self._void_rows(w["donor_id"], w["start_at"], w["end_at"], w["reason"], now)
+                         if r["voids_seq"] not in {x["voids_seq"] for x in rows}]
+                rows.extend(fresh)
+        stored = self.store.append_credit(rows) if rows else []
+        for row in stored:
+            self._count(row)
         return stored
 
     def void(self, donor_id: str, start_at: float, end_at: float, reason: str) -> CreditVoidResponse:
         """Take back the credit of every row of ``donor_id`` overlapping ``[start_at, end_at]``.
 
-        Rows already voided are left as they are, so a repeated void changes nothing.
+        The void stays in force for ``hold_s`` past the window's end (or past now, when
+        later): a row still being metered when the void came, and written later inside the
+        window, is voided as it is written. Rows already voided are left as they are, so a
+        repeated void changes nothing.
         """
         now = self.clock()
         with self._lock:
-            d = self._donors.get(donor_id)
-            hits = sorted((seq, v) for seq, v in (d.open_rows.items() if d else ())
-                          if v[1] <= end_at and v[2] >= start_at)
-            rows = [{
-                "kind": "void", "donor_id": donor_id, "session_id": sid, "node_id": None, "start_at": s0,
-                "end_at": s1, "cpu_s": 0.0, "gpu_s": 0.0, "memory_byte_s": 0.0, "w_cpu": 0.0, "w_gpu": 0.0,
-                "w_memory": 0.0, "credit": -credit, "voids_seq": seq, "reason": reason, "recorded_at": now,
-            } for seq, (sid, s0, s1, credit) in hits]
+            rows = self._void_rows(donor_id, start_at, end_at, reason, now)
             stored = self.store.append_credit(rows) if rows else []
             for row in stored:
                 self._count(row)
+            held_until = max(end_at, now) + self.hold_s
+            self.store.add_void_window(donor_id, start_at, end_at, reason, held_until, now)
+            self._windows.append({"donor_id": donor_id, "start_at": start_at, "end_at": end_at, "reason": reason,
+                                  "held_until": held_until})
         voided = -sum(r["credit"] for r in stored)
         if stored:
             self.on_change(0.0, voided)

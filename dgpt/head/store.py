@@ -97,6 +97,16 @@ CREATE TABLE IF NOT EXISTS credit_ledger (
     hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS credit_by_donor ON credit_ledger(donor_id, seq);
+-- Voids still in force (dgpt.credit.book): credit rows that close later, inside a window,
+-- are voided as they are written. Not part of the chain: each void row it causes is.
+CREATE TABLE IF NOT EXISTS credit_void_windows (
+    id INTEGER PRIMARY KEY,
+    donor_id TEXT NOT NULL,
+    start_at REAL NOT NULL,
+    end_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    held_until REAL NOT NULL
+);
 -- Credit over time (the operator page's plot) reads a recent window of the ledger.
 CREATE INDEX IF NOT EXISTS credit_by_end ON credit_ledger(end_at);
 CREATE INDEX IF NOT EXISTS sessions_by_donor ON sessions(donor_id, session_id);
@@ -382,6 +392,21 @@ class RegistryStore:
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('credit_tip', ?)",
                            (json.dumps([tip.seq, tip.hash]),))
         return out
+
+    def add_void_window(self, donor_id: str, start_at: float, end_at: float, reason: str, held_until: float,
+                        now: float) -> None:
+        """Keep a void in force until ``held_until`` (rows written later inside it are voided);
+        the windows past their time at ``now`` are dropped in the same transaction."""
+        with self._tx() as db:
+            db.execute("DELETE FROM credit_void_windows WHERE held_until < ?", (now,))
+            db.execute("INSERT INTO credit_void_windows(donor_id, start_at, end_at, reason, held_until) "
+                       "VALUES (?,?,?,?,?)", (donor_id, start_at, end_at, reason, held_until))
+
+    def void_windows(self, now: float) -> list[dict[str, Any]]:
+        """The voids still in force at ``now``; those past their time are dropped."""
+        with self._tx() as db:
+            db.execute("DELETE FROM credit_void_windows WHERE held_until < ?", (now,))
+            return [dict(r) for r in db.execute("SELECT * FROM credit_void_windows ORDER BY id").fetchall()]
 
     def credit_tip(self) -> Tip:
         """The ledger's recorded tip (row 0 and the genesis hash when empty)."""

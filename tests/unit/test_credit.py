@@ -234,6 +234,44 @@ def test_the_ledger_counts_voids_and_rebuilds_the_same_totals_from_the_file(tmp_
     again_store.close()
 
 
+def test_a_void_reaches_work_still_being_metered_when_it_came_even_across_a_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.now = 100.0
+    path = tmp_path / "registry.sqlite"
+    store, book = _book(path, clock)
+    # A wrong result at t=90: the interval [60, 120] that holds it is still open (not written).
+    assert book.void("d1", 85, 95, "verification failed: task t-1").voided_seqs == []
+    clock.now = 121.0
+    (row,) = book.record([_interval("d1", 1, 60, 40.0)])
+    d1 = book.donor("d1", entries=10)
+    assert d1.total_credit == pytest.approx(0.0) and d1.voided_credit == pytest.approx(40.0 * W.cpu)
+    assert [(e.kind, e.voids_seq, e.reason) for e in d1.entries] == [
+        ("credit", None, None), ("void", row["seq"], "verification failed: task t-1")]
+    # Work outside the window keeps its credit; the window lasts past its end only hold_s (3600 s).
+    book.record([_interval("d1", 1, 120, 5.0)])
+    assert book.donor("d1").total_credit == pytest.approx(5.0 * W.cpu)
+    # The void outlives the control plane: a book opened on the same file still applies it.
+    assert book.void("d2", 0, 200, "verification failed: task t-2").voided_seqs == []
+    store.close()
+    again_store, again = _book(path, clock)
+    again.record([_interval("d2", 3, 150, 10.0)])
+    assert again.donor("d2").total_credit == pytest.approx(0.0), "voided after the restart too"
+    assert again.verify().ok
+    clock.now = 200 + 3600 + 1
+    again.record([_interval("d2", 3, 190, 10.0)])  # overlaps the window, but the hold is over
+    assert again.donor("d2").total_credit == pytest.approx(10.0 * W.cpu)
+    again_store.close()
+    # Past its time the window is gone from the file as well (dropped at the next void).
+    from dgpt.head.store import RegistryStore as _Store
+
+    last = _Store(path)
+    try:
+        last.add_void_window("d3", 0, 1, "x", held_until=clock.now + 10, now=clock.now)
+        assert [w["donor_id"] for w in last.void_windows(clock.now)] == ["d3"]
+    finally:
+        last.close()
+
+
 def test_an_edit_of_the_real_sqlite_file_is_found_by_row(tmp_path: Path) -> None:
     clock = Clock()
     path = tmp_path / "registry.sqlite"
