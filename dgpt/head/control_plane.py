@@ -146,7 +146,10 @@ class ControlPlane:
         self.registry = Registry(settings, store, self.adapter, gcs, paths["ray_token"], overlay=overlay)
         self.metrics = HeadMetrics(self.registry.counts)
         self.registry.on_session_end = self.metrics.session_ended
-        self.credit = CreditBook(store, lambda: read_ledger(paths["db"]), on_change=self.metrics.credit_changed)
+        # A void holds while a metered interval open at its time may still close (credit_interval_s
+        # at most, plus the ticks that close it).
+        self.credit = CreditBook(store, lambda: read_ledger(paths["db"]), on_change=self.metrics.credit_changed,
+                                 hold_s=2 * settings.credit_interval_s + 10 * settings.autoscaler_interval_s)
         # Verification trust per donor (dgpt.verify), in the registry's own SQLite file.
         self.trust = TrustBook(paths["db"])
         self.registry.trust_scores = self.trust.scores
@@ -279,6 +282,18 @@ class ControlPlane:
             if cursor is None:
                 break
         return self.registry.fleet_view(), lost, max(ended, lost)
+
+    def checkpoint_tier(self) -> tuple[str, str | None, str | None]:
+        """The head's ``train_checkpoints`` setting and the donor tier's state for a write now:
+        the profile it would get and its durability warning, or None and why it cannot take
+        one. ``dgpt.train`` picks a run's checkpoint store from them (choose_checkpoint_store)."""
+        from dgpt.exceptions import NotEnoughDonors
+
+        try:
+            profile = self.storage.service.choose_profile()
+        except NotEnoughDonors as exc:
+            return self.settings.train_checkpoints, None, exc.message
+        return self.settings.train_checkpoints, profile.name, profile.warning
 
     def storage_call(self, method: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
         """One metadata call of the storage tier (``dgpt.storage.rpc``): ``("ok", answer)`` or

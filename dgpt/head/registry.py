@@ -23,7 +23,8 @@ A donor's owner (with its secret) or an operator (with an API key) can pause it 
 it drains through the usual path (its session ends ``drained``, reason ``paused``), leaves the
 fleet view the autoscaler reads, and stays out until resumed; the pause is stored with its
 lifecycle, so it survives a head restart. For the pages, the registry also keeps the fleet by
-state over time (``fleet_history``) and the latest ended sessions, both bounded.
+state over time (``fleet_history``) and the latest ended sessions, both bounded and both
+stored (the samples by the monitor's tick), so a restarted head shows them from before.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ STANDBY_VIEW_MAX_AGE_S = 2.0
 OVERLAY_HANDSHAKE_WAIT_S = 15.0
 #: The fleet by state is sampled when it changes, at most once per FLEET_SAMPLE_S, and the
 #: last FLEET_SAMPLES_KEPT samples are kept: a churning fleet's plot reaches back 8 hours, a
-#: quiet one's much further, in a few hundred KB whatever the fleet's size.
+#: quiet one's much further, in a few hundred KB whatever the fleet's size (in memory and in
+#: the SQLite file's ``fleet_samples``).
 FLEET_SAMPLE_S = 10.0
 FLEET_SAMPLES_KEPT = 2880
 #: Ended sessions kept for the fleet's list of recent drains and losses.
@@ -336,6 +338,9 @@ class Registry:
         # (when, count per DonorState in enum order) and (donor id, session): see FLEET_SAMPLE_S.
         self._fleet_samples: deque[tuple[float, tuple[int, ...]]] = deque(maxlen=FLEET_SAMPLES_KEPT)
         self._ended: deque[tuple[str, SessionView]] = deque(maxlen=ENDED_SESSIONS_KEPT)
+        # Samples taken since the last save_fleet_samples (written each tick, outside the lock).
+        self._samples_unsaved = False
+        self._samples_saved_bucket = -1
         self._load()
 
     # ------------------------------------------------------------ loading
@@ -366,6 +371,8 @@ class Registry:
             if entry.revoked:
                 self._reindex(entry)
         self._ended.extend(self.store.ended_sessions(ENDED_SESSIONS_KEPT))
+        for at, by_name in self.store.fleet_samples(FLEET_SAMPLES_KEPT):
+            self._fleet_samples.append((at, tuple(int(by_name.get(s.value, 0)) for s in DonorState)))
         self._sample(now)
         if rows:
             log.info("loaded %d donors (%s)", len(rows), dict(self._by_state))
@@ -470,6 +477,7 @@ class Registry:
             if self._fleet_samples and self._fleet_samples[-1][1] == counts:
                 return
         self._fleet_samples.append((now, counts))
+        self._samples_unsaved = True
 
     def _apply(self, e: DonorEntry, out: Outcome, now: float) -> None:
         """Store an outcome, then reflect it in memory (reliability, index, counts, log)."""
@@ -912,6 +920,7 @@ class Registry:
                            or self._joined_since(d, r.checked_at))]
         if flush:
             self.flush_heartbeats()
+        self.save_fleet_history()
         for donor_id in recheck:
             self.preflight(donor_id)
         for node_id, reason in to_drain:
@@ -998,6 +1007,20 @@ class Registry:
                 out.append(donor_id)
             self._expired_upto += 1
         return out
+
+    def save_fleet_history(self) -> None:
+        """Store the fleet samples taken since the last save (the last one may still change
+        within its interval: it is written again, replacing itself). Outside the registry lock."""
+        with self._lock:
+            if not self._samples_unsaved:
+                return
+            since = self._samples_saved_bucket
+            fresh = [(int(at // FLEET_SAMPLE_S), at, {s.value: n for s, n in zip(DonorState, counts, strict=True) if n})
+                     for at, counts in self._fleet_samples if int(at // FLEET_SAMPLE_S) >= since]
+            self._samples_unsaved = False
+            if fresh:
+                self._samples_saved_bucket = fresh[-1][0]
+        self.store.save_fleet_samples(fresh, FLEET_SAMPLES_KEPT)
 
     def flush_heartbeats(self) -> None:
         """Store the heartbeat times that changed since the last flush.

@@ -97,6 +97,12 @@ CREATE TABLE IF NOT EXISTS credit_ledger (
     hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS credit_by_donor ON credit_ledger(donor_id, seq);
+-- The fleet by state over time (the operator page's plot): one row per sampling interval.
+CREATE TABLE IF NOT EXISTS fleet_samples (
+    bucket INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    counts TEXT NOT NULL
+);
 -- Voids still in force (dgpt.credit.book): credit rows that close later, inside a window,
 -- are voided as they are written. Not part of the chain: each void row it causes is.
 CREATE TABLE IF NOT EXISTS credit_void_windows (
@@ -392,6 +398,24 @@ class RegistryStore:
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('credit_tip', ?)",
                            (json.dumps([tip.seq, tip.hash]),))
         return out
+
+    def save_fleet_samples(self, samples: Iterable[tuple[int, float, dict[str, int]]], keep: int) -> None:
+        """Store fleet samples ``(bucket, at, counts by state)``, a later one replacing its
+        bucket's; only the newest ``keep`` buckets are kept."""
+        rows = [(bucket, at, json.dumps(counts, sort_keys=True)) for bucket, at, counts in samples]
+        if not rows:
+            return
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO fleet_samples(bucket, at, counts) VALUES (?,?,?)", rows)
+            db.execute("DELETE FROM fleet_samples WHERE bucket <= "
+                       "(SELECT bucket FROM fleet_samples ORDER BY bucket DESC LIMIT 1 OFFSET ?)", (keep,))
+
+    def fleet_samples(self, limit: int) -> list[tuple[float, dict[str, int]]]:
+        """The newest ``limit`` fleet samples, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT at, counts FROM fleet_samples ORDER BY bucket DESC LIMIT ?",
+                                    (limit,)).fetchall()
+        return [(float(r["at"]), dict(json.loads(r["counts"]))) for r in reversed(rows)]
 
     def add_void_window(self, donor_id: str, start_at: float, end_at: float, reason: str, held_until: float,
                         now: float) -> None:

@@ -8,6 +8,7 @@ what survives reopening the file. No Ray: the adapter is a fake node table.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -726,6 +727,31 @@ def test_the_fleet_history_samples_changes_once_per_interval_and_stays_bounded(t
         reg.register(_request(f"x{i}"), token)
     assert len(reg.fleet_history()) == 5 + 1, "the oldest samples are dropped; the last point is now"
     assert reg.fleet_history()[-1][1]["registered"] == 11
+
+
+def test_the_fleet_history_survives_a_head_restart(tmp_path: Path, ray: FakeRay, clock: Clock, monkeypatch) -> None:
+    monkeypatch.setattr(registry_module, "FLEET_SAMPLES_KEPT", 4)
+    reg = _registry(tmp_path, ray, clock)
+    token = reg.create_token("join", "t").token
+    assert token
+    for i in range(6):
+        clock.now += 20
+        reg.register(_request(f"d{i}"), token)
+        reg.tick()  # the monitor's tick writes the samples taken since the last one
+    clock.now += 1
+    reg.register(_request("late"), token)  # the same interval as the last sample: it replaces it
+    reg.tick()
+    before = reg.fleet_history()[:-1]
+    # (Silent registered donors go `gone`: the totals count every donor.)
+    assert [sum(c.values()) for _, c in before] == [3, 4, 5, 7], "the last interval's sample is its latest counts"
+    with sqlite3.connect(reg.store.path) as db:  # in the file (WAL included), bounded
+        stored = db.execute("SELECT at, counts FROM fleet_samples ORDER BY bucket").fetchall()
+    assert len(stored) == 4 and json.loads(stored[-1][1]) == before[-1][1]
+    reg.store.close()
+    clock.now += 30
+    again = _registry(tmp_path, ray, clock)
+    assert again.fleet_history()[:4] == before, "a restarted head plots the fleet from before it"
+    assert again.fleet_history()[-1][0] == clock.now
 
 
 def test_ended_sessions_are_listed_newest_first_and_survive_a_restart(tmp_path: Path, ray: FakeRay,
