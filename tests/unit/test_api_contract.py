@@ -273,7 +273,11 @@ class _DeadJobServer(_NoRay):
     def jobs(self) -> Any:
         from ray.job_submission import JobSubmissionClient
 
-        return JobSubmissionClient(f"http://127.0.0.1:{self._held.getsockname()[1]}")
+        # A header of its own: Ray reads its auth mode once per process, so after an
+        # integration module (token auth) it would look for a token file this test has none
+        # of, and fail before connecting. With the header it connects, and is refused.
+        return JobSubmissionClient(f"http://127.0.0.1:{self._held.getsockname()[1]}",
+                                   headers={"Authorization": "Bearer unit-test"})
 
 
 def test_ray_jobs_unreachable_is_503(tmp_path: Any) -> None:
