@@ -86,3 +86,16 @@ def test_the_plain_example_imports_no_dgpt() -> None:
     imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert imported and not [m for m in imported if m.split(".")[0] == "dgpt"]
+
+
+def test_the_planning_view_reads_the_heads_own_fleet_index_with_many_standby_donors() -> None:
+    # The head's index keeps labels as one numpy column: many standby donors, not a list of one.
+    from dgpt.head.fleet_index import FleetIndex, Role
+
+    index = FleetIndex()
+    index.put(_donor("a", True), Role.ACTIVE, NOW + 60)
+    for name in ("s1", "s2", "s3"):
+        index.put(_donor(name, False), Role.STANDBY, NOW + 60)
+    by_id = {d.donor_id: d for d in candidates_from_view(index.view(NOW))}
+    assert set(by_id) == {"a", "s1", "s2", "s3"}
+    assert [by_id[n].labels[contract.LABEL_DONOR_ID] for n in ("s1", "s2", "s3")] == ["s1", "s2", "s3"]
