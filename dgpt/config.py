@@ -192,6 +192,13 @@ class Settings(BaseModel):
         16, ge=0, le=10_000, description="Head: random pieces challenged each repair interval (0: no audits)."
     )
 
+    train_checkpoints: Literal["auto", "donors", "head"] = Field(
+        "auto", description="Head: where dgpt.train keeps a run's checkpoints when the run names no storage: "
+        "'donors' (the donor storage tier), 'head' (the head's checkpoint store), or 'auto': the donor tier "
+        "once its erasure-coding profile is durable against churn (enough donors of distinct owners; "
+        "dgpt/train/storage.py:choose_checkpoint_store), else the head."
+    )
+
     # Autoscaler bounds (autoscaler/bounds.py holds the rest of its pacing).
     min_active_donors: int = Field(0, ge=0, le=100_000, description="Donors kept active even with no demand.")
     max_active_donors: int = Field(

@@ -75,7 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resize-interval-s", type=float, default=60.0)
     p.add_argument("--max-failures", type=int, default=None, help="default: sized from the fleet")
     p.add_argument("--max-preemption-failures", type=int, default=None, help="default: sized from the fleet")
-    p.add_argument("--storage-path", default=None, help="default: the head's checkpoint store")
+    p.add_argument("--storage-path", default=None, help="default: the store --checkpoints picks")
+    p.add_argument("--checkpoints", choices=("auto", "donors", "head"), default=None,
+                   help="where checkpoints go without --storage-path: the donor storage tier, the head, or auto "
+                        "(the donor tier once it is durable); default: the head's setting train_checkpoints")
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--seed", type=int, default=20240501)
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         args.name, workers, horizon_s=args.horizon_s, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker, resize_interval_s=args.resize_interval_s,
         max_failures=args.max_failures, max_preemption_failures=args.max_preemption_failures,
-        storage_path=args.storage_path, checkpoints_to_keep=args.checkpoints_to_keep,
+        storage_path=args.storage_path, checkpoints_to_keep=args.checkpoints_to_keep, checkpoints=args.checkpoints,
     )
     print(plan.describe(), flush=True)
     dgpt.train.open_progress(args.name)
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "plan": {"workers": [plan.bounds.min_workers, plan.bounds.max_workers],
                  "donors": list(plan.placement.donor_ids) if plan.placement else None,
                  "max_failures": plan.max_failures, "max_preemption_failures": plan.max_preemption_failures,
-                 "label_selector": dict(plan.label_selector)},
+                 "label_selector": dict(plan.label_selector), "checkpoint_store": plan.checkpoint_store,
+                 "storage_path": plan.storage_path, "notes": list(plan.notes)},
     }
     if args.events:
         out["events"] = events

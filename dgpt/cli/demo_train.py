@@ -62,7 +62,9 @@ def run_training_step(settings: Settings, say: Callable[[str, float], None],
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **shell_env(settings)}
     argv = [sys.executable, str(EXAMPLE), "--name", name, "--workers", "1", "3", "--steps", str(DEMO_STEPS),
-            "--checkpoint-every", str(DEMO_CHECKPOINT_EVERY), "--horizon-s", "600"]
+            "--checkpoint-every", str(DEMO_CHECKPOINT_EVERY), "--horizon-s", "600",
+            # The demo watches the checkpoints arrive in the head's folder.
+            "--checkpoints", "head"]
     folder = store_root(settings) / RUNS_PATH / name
     paused_file = state_files(settings.home / "donors" / paused_donor)["paused"]
     started = time.monotonic()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -65,7 +65,10 @@ class TrainSpec(BaseModel):
     checkpoints_to_keep: int = Field(3, ge=1, le=1000)
     max_failures: int | None = Field(None, ge=-1, description="None: sized from the fleet; -1: unlimited.")
     max_preemption_failures: int | None = Field(None, ge=-1, description="None: sized from the fleet; -1: unlimited.")
-    storage_path: str | None = Field(None, min_length=1, description="None: the head's checkpoint store.")
+    storage_path: str | None = Field(None, min_length=1, description="None: the checkpoint store `checkpoints` picks.")
+    checkpoints: Literal["auto", "donors", "head"] | None = Field(
+        None, description="Where checkpoints go when no storage is given: the donor tier, the head, or auto "
+        "(the donor tier once it is durable); None: the head's setting train_checkpoints.")
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -124,6 +127,8 @@ class TrainPlan:
     storage_path: str
     storage_filesystem: Any = None
     notes: Sequence[str] = field(default_factory=tuple)
+    #: ``donors`` or ``head`` when dgpt picked the store (the run named none), else ``given``.
+    checkpoint_store: str = "given"
 
     @property
     def env(self) -> Mapping[str, str]:

@@ -1,7 +1,9 @@
-"""Checkpoint storage that survives any donor leaving: files on the head's disk, reached through Ray.
+"""Checkpoint storage that survives any donor leaving: the donor tier, or the head's disk through Ray.
 
-Until the donor storage tier exists, training state lives on the head, the one node that
-does not churn. :class:`HeadStore` is a detached, restartable actor pinned to the head
+A run that names no storage of its own gets one of two stores, picked by
+:func:`choose_checkpoint_store`: the donor storage tier (``dgpt://``, erasure-coded over
+donors of distinct owners) once its profile is durable against churn, else the head, the
+one node that does not churn. :class:`HeadStore` is a detached, restartable actor pinned to the head
 (started with the control plane) that keeps files under ``$DGPT_HOME/checkpoints``;
 :func:`head_filesystem` is a ``pyarrow.fs.FileSystem`` over it that any Ray worker on any
 host can use, since it travels over Ray's own (token-authenticated) connections: no shared
@@ -14,8 +16,8 @@ Guarantees, and why:
 - every path stays under the store's root: ``..``, absolute escapes and symlinks out of it
   are refused, so user work can never read the head's secrets through the store.
 
-:func:`as_pyarrow_filesystem` accepts any pyarrow or fsspec filesystem, so the donor tier
-(an fsspec filesystem) drops in without changes here.
+:func:`as_pyarrow_filesystem` accepts any pyarrow or fsspec filesystem; the donor tier's
+``DonorFileSystem`` is one (its files, too, become visible only whole, at close).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow
 import pyarrow.fs as pafs
@@ -214,6 +217,52 @@ class HeadStore:
             part, _, handle = entry
             handle.close()
             part.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- which store
+
+
+@dataclass(frozen=True)
+class StoreChoice:
+    """Where a run's checkpoints go (``donors``: the storage tier; ``head``: the head store) and why."""
+
+    store: Literal["donors", "head"]
+    reason: str
+
+
+def choose_checkpoint_store(mode: str, profile: str | None, problem: str | None) -> StoreChoice:
+    """Pick the checkpoint store for a run that names no storage of its own (pure).
+
+    Args:
+        mode: ``auto``, ``donors`` or ``head`` (the run's ``checkpoints``, else the head's
+            ``train_checkpoints`` setting).
+        profile: the erasure-coding profile a write to the donor tier would get now, or
+            None when the tier cannot take a write (``problem`` says why).
+        problem: the profile's durability warning, or why there is no profile.
+
+    ``auto`` takes the donor tier only when its profile carries no durability warning: a
+    checkpoint is the one thing a run cannot lose, and a small profile (a fabric of a few
+    owners) survives fewer lost donors than the head's disk.
+
+    Raises:
+        CheckpointStoreError: ``donors`` was asked for and the tier cannot take a write.
+    """
+    if mode == "head":
+        return StoreChoice("head", "the head's checkpoint store (checkpoints='head')")
+    if mode == "donors":
+        if profile is None:
+            raise CheckpointStoreError(
+                f"checkpoints='donors', but the donor storage tier cannot take a write: {problem}",
+                hint="add donors (each owner counts once), or use checkpoints='auto' or 'head'")
+        note = f"; {problem}" if problem else ""
+        return StoreChoice("donors", f"the donor storage tier, {profile} (checkpoints='donors'){note}")
+    if mode != "auto":
+        raise CheckpointStoreError(f"checkpoints must be 'auto', 'donors' or 'head', got {mode!r}")
+    if profile is not None and problem is None:
+        return StoreChoice("donors", f"the donor storage tier, {profile}: durable against churn (checkpoints='auto')")
+    why = problem or "the donor tier cannot take a write"
+    return StoreChoice("head", f"the head's checkpoint store, as the donor tier is not durable yet: {why} "
+                               "(checkpoints='auto')")
 
 
 # ---------------------------------------------------------------- pyarrow filesystem

@@ -180,6 +180,54 @@ def test_the_ray_data_pipeline_spreads_over_the_active_donors(fabric: Settings) 
     assert len(report["donors"]) >= ACTIVE, report
 
 
+def _train(settings: Settings, name: str, *args: str) -> dict:
+    """examples/train_digits.py as a researcher's driver on this fabric; its result line."""
+    script = Path(__file__).resolve().parents[2] / "examples" / "train_digits.py"
+    out = subprocess.run([sys.executable, str(script), "--name", name, "--events", "--workers", "1", "2",
+                          "--channels", "8", "--hidden", "32", *args],
+                         env={**os.environ, **shell_env(settings)}, capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("DGPT_TRAIN_RESULT ")), None)
+    assert line, out.stdout[-3000:] + out.stderr[-5000:]
+    return dict(json.loads(line.split(" ", 1)[1]))
+
+
+def test_training_checkpoints_go_to_the_donor_tier_when_asked_and_resume_from_it(fabric: Settings) -> None:
+    from dgpt.train.checkpoint import MANIFEST_NAME
+    from dgpt.train.storage import RUNS_PATH, store_root
+
+    first = _train(fabric, "tiered", "--checkpoints", "donors", "--steps", "60", "--checkpoint-every", "30")
+    assert first["ok"], first["error"]
+    plan = first["plan"]
+    assert plan["checkpoint_store"] == "donors"
+    # The tier is small here (rs-2-of-4): forced onto it, the run is told so.
+    assert any("donor storage tier, rs-2-of-4" in n and "survives only 2" in n for n in plan["notes"]), plan["notes"]
+    with _client(fabric) as c:
+        steps = [e.path for e in c.storage_ls(f"{RUNS_PATH}/tiered") if e.path.rsplit("/", 1)[-1].startswith("step-")]
+        assert steps, "checkpoint folders on the donor tier"
+        manifests = [e for s in steps for e in c.storage_ls(s) if e.path.endswith("/" + MANIFEST_NAME)]
+        assert manifests and all(e.profile == "rs-2-of-4" for e in manifests), manifests
+    assert not (store_root(fabric) / RUNS_PATH / "tiered").exists(), "nothing went to the head's disk"
+    # The same name resumes from the donor tier's checkpoint.
+    again = _train(fabric, "tiered", "--checkpoints", "donors", "--steps", "90", "--checkpoint-every", "30")
+    assert again["ok"], again["error"]
+    starts = [e["resume_step"] for e in again["events"] if e["ev"] == "attempt"]
+    assert starts and starts[0] == 60, f"the rerun resumed from step {starts}, not the last checkpoint (60)"
+    assert again["final_step"] == 90
+
+
+def test_auto_keeps_checkpoints_on_the_head_while_the_tier_is_small(fabric: Settings) -> None:
+    # The head's own choice, read as a driver gets it (through the control plane on the head).
+    code = ("import json, ray\nray.init(logging_level='ERROR', log_to_driver=False)\n"
+            "from dgpt.train.live import checkpoint_store\n"
+            "print('OUT ' + json.dumps([vars(checkpoint_store(None)), vars(checkpoint_store('donors'))]))\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **shell_env(fabric)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    auto, donors = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("OUT "))[4:])
+    assert auto["store"] == "head" and "rs-2-of-4 survives only 2" in auto["reason"], auto
+    assert donors["store"] == "donors"
+
+
 def test_killing_the_control_plane_loses_no_committed_file(fabric: Settings, tmp_path: Path) -> None:
     data = _put(fabric, tmp_path, "durable/before-restart.bin", 3 * MIB)
     victims = _control_plane_procs(fabric)

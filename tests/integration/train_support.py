@@ -89,7 +89,8 @@ def start_run(settings: Settings, name: str, *args: str, plain: bool = False) ->
     script, marker = (PLAIN_EXAMPLE, "PLAIN_TRAIN_RESULT") if plain else (EXAMPLE, "DGPT_TRAIN_RESULT")
     log = settings.home / "logs" / f"driver-{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    extra = [] if plain else ["--events"]
+    # The tests watch checkpoints arrive in the head store's folder on its disk.
+    extra = [] if plain else ["--events", "--checkpoints", "head"]
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, str(script), "--name", name, *extra, *args],
                                 env=driver_env(settings), stdout=out, stderr=subprocess.STDOUT, cwd=settings.home)

@@ -126,3 +126,49 @@ def test_any_pyarrow_or_fsspec_filesystem_is_accepted() -> None:
     assert read_checkpoint(wrapped, "/ckpt/step-00000001-abcdef01").step == 1
     with pytest.raises(TrainError, match="storage_filesystem must be"):
         as_pyarrow_filesystem("/tmp/not-a-filesystem")
+
+
+# ---------------------------------------------------------------- which store (pure)
+
+SMALL_WARNING = "profile rs-2-of-4 survives only 2 lost donor(s) per segment: ..."
+
+
+def test_auto_takes_the_donor_tier_only_once_its_profile_is_durable() -> None:
+    from dgpt.train.storage import choose_checkpoint_store
+
+    durable = choose_checkpoint_store("auto", "rs-2-of-6", None)
+    assert durable.store == "donors" and "rs-2-of-6" in durable.reason
+    small = choose_checkpoint_store("auto", "rs-2-of-4", SMALL_WARNING)
+    assert small.store == "head" and "rs-2-of-4 survives only 2" in small.reason
+    none = choose_checkpoint_store("auto", None, "need 4 donors of distinct owners, have 1")
+    assert none.store == "head" and "have 1" in none.reason
+
+
+def test_forced_stores_are_taken_and_donors_without_a_tier_is_refused_with_the_cause() -> None:
+    from dgpt.train.storage import choose_checkpoint_store
+
+    assert choose_checkpoint_store("head", "rs-2-of-6", None).store == "head"
+    forced = choose_checkpoint_store("donors", "rs-2-of-4", SMALL_WARNING)
+    assert forced.store == "donors" and "survives only 2" in forced.reason, "the warning is passed on"
+    with pytest.raises(CheckpointStoreError, match="cannot take a write: need 4 donors") as err:
+        choose_checkpoint_store("donors", None, "need 4 donors of distinct owners, have 1")
+    assert "checkpoints='auto'" in (err.value.hint or "")
+    with pytest.raises(CheckpointStoreError, match="checkpoints must be"):
+        choose_checkpoint_store("somewhere", "rs-2-of-6", None)
+
+
+def test_a_bad_checkpoints_value_is_named_in_the_spec_error() -> None:
+    from dgpt.train.plan import parse_spec
+
+    with pytest.raises(TrainError, match=r"checkpoints='disk'"):
+        parse_spec(name="r", workers=2, checkpoints="disk")
+    assert parse_spec(name="r", workers=2, checkpoints="donors").checkpoints == "donors"
+
+
+def test_the_head_setting_is_validated_by_name() -> None:
+    from dgpt.config import load_settings
+    from dgpt.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="DGPT_TRAIN_CHECKPOINTS=.disk.: Input should be .auto., .donors. or .head."):
+        load_settings({}, env={"DGPT_TRAIN_CHECKPOINTS": "disk"})
+    assert load_settings({}, env={}).train_checkpoints == "auto"
