@@ -60,7 +60,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 on_faulty = ray.get(switch.options(scheduling_strategy=NodeAffinitySchedulingStrategy(faulty_node, soft=False)).remote())
 # Outcomes go to the control plane's trust store (the head's registry.sqlite), the default.
 caught = dgpt.verify.run(squares, n, k=2, include=[faulty], num_cpus=0.5, task_id="drill-1")
-after = dgpt.verify.run(squares, n, k=2, num_cpus=0.5, task_id="after-1")
+# The Serve shadows may have given the honest donors a run of 10+ valid results, after which
+# a task is checked on a sample only: this one must be checked, so none counts as trusted yet.
+from dgpt.verify.policy import ReplicationParams
+after = dgpt.verify.run(squares, n, k=2, num_cpus=0.5, task_id="after-1",
+                        replication=ReplicationParams(trusted_after=1000))
 head = dgpt.verify.runner.head_node_id()
 print("OUT " + json.dumps({"switch_on_faulty_worker": on_faulty, "head": head,
                            "caught": {"value": caught.value, **dataclasses.asdict(caught.outcome)},
