@@ -344,7 +344,9 @@ def test_the_actor_path_round_trips_answers_and_typed_errors_through_pickle(tier
 def test_a_donor_failing_audits_is_trusted_with_fewer_pieces(tier: Tier) -> None:
     with tier.client() as c:
         c.storage_put("audited.bin", os.urandom(600_000))
-    holder = next(d for d in tier.donors if tier.piece_files(d))
+    # The donor holding the most pieces: one failed audit alone moves its trust less than 10%.
+    holder = max(tier.donors, key=lambda d: len(tier.piece_files(d)))
+    assert len(tier.piece_files(holder)) >= 2
     for f in tier.piece_files(holder):
         f.write_bytes(os.urandom(f.stat().st_size))  # every piece on its disk rotten through
     views, _, _ = tier.api.registry.list_donors(limit=1000, max_sessions=0)
