@@ -267,7 +267,7 @@ def _just_joined(donor: FleetDonor, now_s: float, grace_s: float) -> bool:
     word (not fresh), so a zero-CPU replica cannot hide a real shortage for long."""
     if donor.available is None or now_s - donor.since_s >= grace_s:
         return False
-    return donor.available.cpus + EPS >= donor.caps.cpus and donor.available.gpus + EPS >= donor.caps.gpus
+    return donor.used_cpus <= EPS and donor.available.gpus + EPS >= donor.caps.gpus
 
 
 def default_policy(

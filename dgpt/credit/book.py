@@ -187,13 +187,12 @@ class CreditBook:
         wanted = set(donor_ids)
         now = self.clock()
         self._windows = [w for w in self._windows if w["held_until"] >= now]
-        rows: list[dict[str, Any]] = []
-        for w in self._windows if wanted else ():
+        rows: dict[int, dict[str, Any]] = {}  # by the voided row: one void each, the first window's reason
+        for w in self._windows:
             if w["donor_id"] in wanted:
-                fresh = [r for r in self._void_rows(w["donor_id"], w["start_at"], w["end_at"], w["reason"], now)
-                         if r["voids_seq"] not in {x["voids_seq"] for x in rows}]
-                rows.extend(fresh)
-        stored = self.store.append_credit(rows) if rows else []
+                for r in self._void_rows(w["donor_id"], w["start_at"], w["end_at"], w["reason"], now):
+                    rows.setdefault(r["voids_seq"], r)
+        stored = self.store.append_credit(list(rows.values())) if rows else []
         for row in stored:
             self._count(row)
         return stored

@@ -35,7 +35,7 @@ from autoscaler.bounds import AutoscalerBounds, load_bounds
 from autoscaler.context import AutoscalerContext
 from autoscaler.loop import AutoscalerLoop
 from dgpt.config import Settings
-from dgpt.exceptions import FabricError, InvalidRequest, NotFound
+from dgpt.exceptions import FabricError, InvalidRequest, NotEnoughDonors, NotFound
 from dgpt.fleet import FleetView
 from dgpt.head.paths import head_paths
 from dgpt.tls import head_fingerprint, tls_files
@@ -287,8 +287,6 @@ class ControlPlane:
         """The head's ``train_checkpoints`` setting and the donor tier's state for a write now:
         the profile it would get and its durability warning, or None and why it cannot take
         one. ``dgpt.train`` picks a run's checkpoint store from them (choose_checkpoint_store)."""
-        from dgpt.exceptions import NotEnoughDonors
-
         try:
             profile = self.storage.service.choose_profile()
         except NotEnoughDonors as exc:

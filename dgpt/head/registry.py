@@ -373,6 +373,7 @@ class Registry:
         self._ended.extend(self.store.ended_sessions(ENDED_SESSIONS_KEPT))
         for at, by_name in self.store.fleet_samples(FLEET_SAMPLES_KEPT):
             self._fleet_samples.append((at, tuple(int(by_name.get(s.value, 0)) for s in DonorState)))
+            self._samples_saved_bucket = int(at // FLEET_SAMPLE_S)  # stored already: not written again
         self._sample(now)
         if rows:
             log.info("loaded %d donors (%s)", len(rows), dict(self._by_state))

@@ -52,7 +52,7 @@ def fleet_from(view: FleetView, lost: int, ended: int) -> Fleet:
                  now_s=view.now_s)
 
 
-def _control_plane(what: str) -> Any:
+def _control_plane(what: str, instead: str = "call configure(..., use_fleet=False)") -> Any:
     """The control-plane actor on the head (connecting to Ray first, as Ray would).
 
     Raises:
@@ -67,7 +67,7 @@ def _control_plane(what: str) -> Any:
     except ValueError:
         raise TrainError(
             f"this Ray cluster has no dgpt control plane, so dgpt cannot {what}",
-            hint="connect to a dgpt fabric (`eval \"$(dgpt env)\"`), or call configure(..., use_fleet=False)",
+            hint=f"connect to a dgpt fabric (`eval \"$(dgpt env)\"`), or {instead}",
         ) from None
 
 
@@ -95,7 +95,7 @@ def checkpoint_store(requested: str | None) -> StoreChoice:
     """
     import ray
 
-    plane = _control_plane("choose a checkpoint store")
+    plane = _control_plane("choose a checkpoint store", "give configure storage_path= or storage_filesystem=")
     default, profile, problem = ray.get(plane.checkpoint_tier.remote(), timeout=60)
     return choose_checkpoint_store(requested or default, profile, problem)
 
@@ -136,14 +136,15 @@ def configure(
         TrainError: an invalid field (named), no dgpt fabric, or no donor can host a worker.
     """
     parsed = parse_spec(name=name, workers=workers, **spec)
+    picked: StoreChoice | None = None  # dgpt's choice, when the run names no storage
     if storage_filesystem is not None:
         fs = as_pyarrow_filesystem(storage_filesystem)
         path = parsed.storage_path or RUNS_PATH
     elif parsed.storage_path is not None:
         fs, path = None, parsed.storage_path
     else:
-        choice = checkpoint_store(parsed.checkpoints)
-        if choice.store == "donors":
+        picked = checkpoint_store(parsed.checkpoints)
+        if picked.store == "donors":
             from dgpt.storage.fs import DonorFileSystem, pyarrow_filesystem
 
             fs = pyarrow_filesystem(DonorFileSystem())
@@ -152,8 +153,8 @@ def configure(
         path = RUNS_PATH
     fleet = live_fleet() if use_fleet else None
     plan = plan_training(parsed, fleet, storage_path=path, storage_filesystem=fs)
-    if storage_filesystem is None and parsed.storage_path is None:
-        plan = replace(plan, checkpoint_store=choice.store, notes=(*plan.notes, f"checkpoints: {choice.reason}"))
+    if picked is not None:
+        plan = replace(plan, checkpoint_store=picked.store, notes=(*plan.notes, f"checkpoints: {picked.reason}"))
     if apply_env:
         for key, value in plan.env.items():
             os.environ.setdefault(key, value)
