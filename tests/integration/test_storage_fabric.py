@@ -195,6 +195,8 @@ def test_training_checkpoints_go_to_the_donor_tier_when_asked_and_resume_from_it
     from dgpt.train.checkpoint import MANIFEST_NAME
     from dgpt.train.storage import RUNS_PATH, store_root
 
+    with _client(fabric) as c:  # the whole tier up first, as a module run would have it
+        wait_for(lambda: len(c.storage_status().donors) == N_DONORS, 60, "every donor in the storage tier")
     first = _train(fabric, "tiered", "--checkpoints", "donors", "--steps", "60", "--checkpoint-every", "30")
     assert first["ok"], first["error"]
     plan = first["plan"]
