@@ -27,7 +27,7 @@ system:
 		echo "warning: could not install$$missing; the tests that need them will skip"; \
 	else echo "note:$$missing missing and not installable here (needs root and apt-get); the tests that need them will skip"; fi
 
-demo: $(STAMP)
+demo: $(STAMP) system
 	$(BIN)/dgpt demo
 
 test: $(STAMP) system

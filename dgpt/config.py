@@ -128,11 +128,17 @@ class Settings(BaseModel):
         "auto", description="Run a donor's work in a bubblewrap sandbox that hides the owner's files: auto, on, off."
     )
     sandbox_user: str | None = Field(
-        None, min_length=1, description="User a root donor agent runs the work as (default: nobody)."
+        None, min_length=1, description="User a root donor agent or head runs Ray work as (default: nobody)."
     )
     sandbox_shared: str | None = Field(
-        None, min_length=1, description="Folders the sandboxed work may write, separated by ':' (absolute paths, "
-        "e.g. a shared mount for Ray Train's storage_path); everything else stays read-only or hidden."
+        None, min_length=1, description="Folders the sandboxed work (on a donor, or on the head) may write, "
+        "separated by ':' (absolute paths, e.g. a shared mount for Ray Train's storage_path); everything else "
+        "stays read-only or hidden."
+    )
+    head_sandbox: Literal["auto", "on", "off"] = Field(
+        "auto", description="Run the head's Ray (job drivers, any task placed on the head) in a bubblewrap sandbox "
+        "that hides $DGPT_HOME and its secrets: auto (where the machine allows, else a warning), on (refuse to "
+        "start without), off (Ray work can read the head's secrets)."
     )
 
     # The WireGuard overlay (dgpt/overlay): donors behind NAT join through the head.

@@ -33,7 +33,7 @@ NO_GPU = "none"
 
 #: Ray namespace of dgpt's head actors.
 NAMESPACE = "dgpt"
-#: The control-plane actor on the head: registry, fleet view, donor API, autoscaler.
+#: The control plane's door actor on the head (dgpt.head.control_link): registry, fleet view, autoscaler.
 REGISTRY_ACTOR = "registry"
 #: Ray custom resource every donor node offers once (DESIGN: ``donor``).
 DONOR_RESOURCE = "donor"

@@ -393,7 +393,7 @@ def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats |
         # A bug, not the caller's fault: the traceback goes to the log, the one error shape to the caller.
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _error(500, "internal error", f"the control plane failed: {type(exc).__name__}",
-                      hint="see the control plane's traceback in the head's Ray logs (session_latest/logs/worker-*.err)")
+                      hint="see the control plane's traceback in the head's logs/control-plane.log")
 
     def require_key(key: str | None) -> None:
         registry.check_api_key(key)

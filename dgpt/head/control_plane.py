@@ -1,8 +1,9 @@
-"""The control-plane actor on the head: the registry, the donor API server, the monitor, the autoscaler.
+"""The control plane on the head: the registry, the donor API server, the monitor, the autoscaler.
 
-One detached, restartable Ray actor, pinned to the head node by node identity, hosts
-everything that reads the live fleet, so none of it pays a Ray call or a copy of the fleet
-per request:
+One process of the head's own user (``python -m dgpt.head.control_plane``, started and
+restarted by the head's supervisor), a Ray driver outside Ray's workers, hosts everything
+that reads the live fleet, so none of it pays a Ray call or a copy of the fleet per request,
+and no Ray work on the head can read its files or its memory (``dgpt.head.isolation``):
 
 - the registry (``dgpt.head.registry``) with its SQLite file;
 - the overlay coordinator (``dgpt.overlay.coordinator``), when ``overlay_enabled``;
@@ -16,15 +17,21 @@ per request:
   (donor states from the registry, repair, audits, garbage) every ``storage_repair_interval_s``;
   Ray callers reach the service through :meth:`ControlPlane.storage_call`.
 
+Ray callers reach :class:`ControlPlane`'s methods through the actor named ``REGISTRY_ACTOR``,
+a door that forwards them over a Unix socket (``dgpt.head.control_link``).
+
 Each loop survives any single tick's exception (logged with its traceback). Killing the
-process loses no record: Ray restarts the actor, which reloads the SQLite file and binds
-the same port again; donors keep heartbeating through the gap.
+process loses no record: the supervisor starts it again, which reloads the SQLite file and
+binds the same ports again; donors keep heartbeating through the gap.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import resource
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -39,6 +46,7 @@ from dgpt.exceptions import FabricError, InvalidRequest, NotEnoughDonors, NotFou
 from dgpt.fleet import FleetView
 from dgpt.head.paths import head_paths
 from dgpt.tls import head_fingerprint, tls_files
+from dgpt.verify.trust import DonorOutcome
 
 log = logging.getLogger("dgpt.control_plane")
 
@@ -103,12 +111,11 @@ class _Services:
 
 
 class ControlPlane:
-    """The Ray actor (see the module docstring). Its methods serve Ray callers: routers,
-    drivers placing work, the CLI's status; donors and apps use the HTTP API."""
+    """The control plane (see the module docstring). Its public methods serve Ray callers
+    through the door (``dgpt.head.control_link.METHODS``): routers, drivers placing work, the
+    CLI's status; donors and apps use the HTTP API."""
 
     def __init__(self, settings_json: str) -> None:
-        import os
-
         import uvicorn
 
         from dgpt.credit.book import CreditBook
@@ -122,6 +129,7 @@ class ControlPlane:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # the dashboard, every few seconds
         settings = Settings.model_validate_json(settings_json)
         self.settings = settings
         _raise_open_file_limit()
@@ -180,7 +188,7 @@ class ControlPlane:
         while not self._server.started:
             if not self._api.is_alive() or time.monotonic() > deadline:
                 raise FabricError(f"the control plane could not serve on {settings.http_host}:{settings.api_port}",
-                                  hint="is DGPT_API_PORT free? see the head's Ray logs (worker-*.err)")
+                                  hint="is DGPT_API_PORT free? see the head's logs/control-plane.log")
             time.sleep(0.05)
         self._serve_recorded: list[dict[str, Any]] | None = None
         for name, interval, tick in (
@@ -245,14 +253,12 @@ class ControlPlane:
         """Donors' verification records (``dgpt.verify.trust.TrustBook.records``)."""
         return self.trust.records(donor_ids)
 
-    def record_trust(self, outcomes: list[Any]) -> list[Any]:
+    def record_trust(self, outcomes: list[DonorOutcome]) -> list[Any]:
         """Fold verification outcomes into the donors' trust (``TrustBook.record``).
 
         Any Ray token holder can call this, so outcomes naming donors this head does not
         know are refused whole: nothing is recorded for them.
         """
-        from dgpt.verify.trust import DonorOutcome
-
         if not all(isinstance(o, DonorOutcome) for o in outcomes):
             raise InvalidRequest("record_trust takes dgpt.verify.trust.DonorOutcome values", 422)
         unknown = {o.donor_id for o in outcomes} - self.registry.known_donors({o.donor_id for o in outcomes})
@@ -311,3 +317,37 @@ class ControlPlane:
             self.placement_view()
         t2 = time.perf_counter()
         return {"fleet_view_ms": (t1 - t0) * 1000 / n, "placement_view_ms": (t2 - t1) * 1000 / n}
+
+
+def run(settings: Settings, owner: tuple[int, int] | None = None) -> int:
+    """The control-plane process: join Ray as a driver, serve until SIGTERM/SIGINT.
+
+    ``owner`` (uid, gid) is the user Ray work runs as on the head, the only one besides this
+    process's that may connect to the door's socket.
+    """
+    import ray
+
+    from dgpt import contract
+    from dgpt.head.control_link import LinkServer, link_path
+
+    stop = threading.Event()
+    gcs = f"{settings.node_ip or '127.0.0.1'}:{settings.ray_port}"
+    ray.init(address=gcs, namespace=contract.NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+    # ray.init() installed its own SIGTERM handler (a bare sys.exit): ours, for a clean stop.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _s, _f: stop.set())
+    plane = ControlPlane(settings.model_dump_json())
+    server = LinkServer(plane, link_path(settings.home), owner).start()
+    print(f"control plane ready (pid {os.getpid()})", flush=True)
+    stop.wait()
+    server.shutdown()
+    plane._stop.set()
+    plane._server.should_exit = True
+    return 0
+
+
+if __name__ == "__main__":
+    # The supervisor hands the settings over stdin (they may name secrets' places, never in argv).
+    _owner = sys.argv[sys.argv.index("--owner") + 1] if "--owner" in sys.argv else ""
+    sys.exit(run(Settings.model_validate_json(sys.stdin.read()),
+                 tuple(int(x) for x in _owner.split(":")) if _owner else None))  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ def head_paths(home: Path) -> dict[str, Path]:
         "pid": head / "head.pid",
         "info": head / "head.json",
         "log": home / "logs" / "head.log",
+        "control_log": home / "logs" / "control-plane.log",
         # The overlay (dgpt.overlay): the head's WireGuard key, its grants, wireguard-go's log.
         "overlay_key": head / "overlay.key",
         "overlay_db": head / "overlay.sqlite",

@@ -1,11 +1,12 @@
 """Starting and stopping the head: the Ray head node, Serve's proxy and the control plane.
 
 `dgpt head start` spawns a supervisor (``python -m dgpt.head.process``) in its own session.
-The supervisor runs ``ray start --head --block`` as its child (Ray's processes die with that
-child), brings up the overlay's WireGuard interface first when ``overlay_enabled`` (it
-must outlive any restart of the control-plane actor), starts the control-plane actor (registry, REST API, autoscaler) pinned to the head
-node and Serve's proxy, writes ``head.json`` and then waits. SIGTERM to the supervisor stops
-the whole head; `dgpt head stop` does that.
+The supervisor brings up the overlay's WireGuard interface first when ``overlay_enabled``,
+runs ``ray start --head --block`` as its child in the head's sandbox (``dgpt.head.isolation``;
+Ray's processes die with that child), then the control-plane process (registry, REST API,
+autoscaler; ``dgpt.head.control_plane``, started again whenever it exits), Serve's proxy and
+the control plane's door actor, pinned to the head node; it writes ``head.json`` and then
+waits. SIGTERM to the supervisor stops the whole head; `dgpt head stop` does that.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dgpt.head.paths import head_paths, ray_temp_dir
 from dgpt.processes import (
     alive,
     become_subreaper,
+    die_with_parent,
     port_in_use,
     read_json,
     reap_orphans,
@@ -120,6 +122,7 @@ def prepare_state(settings: Settings) -> dict[str, Path]:
                           hint="unset DGPT_FAULT_INJECT where the head starts; set it for one donor's agent")
     paths = head_paths(settings.home)
     paths["dir"].mkdir(parents=True, exist_ok=True)
+    paths["dir"].chmod(0o700)  # the head's user only, whatever else may reach $DGPT_HOME
     paths["log"].parent.mkdir(parents=True, exist_ok=True)
     if not paths["ray_token"].is_file():
         write_secret(paths["ray_token"], secrets.token_hex(32))
@@ -150,34 +153,106 @@ def _start_training_support(settings: Settings) -> None:
         print(f"warning: elastic training uses Ray's {kind} autoscaling coordinator", file=sys.stderr, flush=True)
 
 
-def _bootstrap(settings: Settings) -> None:
-    """The control-plane actor, pinned to this (the head) node, and Serve's proxy."""
+def _start_serve(settings: Settings) -> None:
+    """Serve's proxy, and the applications the registry recorded (before the control plane
+    starts, which records what Serve runs: see :func:`restore_serve`)."""
     import ray
     from ray import serve
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from dgpt.head.control_plane import ControlPlane
 
     gcs = f"{settings.node_ip or '127.0.0.1'}:{settings.ray_port}"
     ray.init(address=gcs, namespace=contract.NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
     serve.start(http_options={"host": settings.http_host, "port": settings.http_port, "location": "HeadOnly"})
     restore_serve(settings)
+
+
+def _start_door(settings: Settings) -> None:
+    """The control plane's door actor, pinned to this (the head) node, and training support."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from dgpt.head.control_link import ControlPlaneDoor, link_path
+
     # Pinned by node identity, not by a custom resource any raylet could advertise.
     head_node = ray.get_runtime_context().get_node_id()
-    actor: Any = ray.remote(ControlPlane).options(  # type: ignore[attr-defined]
+    actor: Any = ray.remote(ControlPlaneDoor).options(  # type: ignore[attr-defined]
         name=contract.REGISTRY_ACTOR,
         namespace=contract.NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         max_restarts=-1,
         max_task_retries=-1,
-        max_concurrency=16,
+        max_concurrency=32,
         num_cpus=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(head_node, soft=False),
-    ).remote(settings.model_dump_json())
+    ).remote(str(link_path(settings.home)))
     ray.get(actor.ping.remote(), timeout=120)
     _start_training_support(settings)
     ray.shutdown()
+
+
+class ControlProcess:
+    """The control-plane process (``python -m dgpt.head.control_plane``): the supervisor's
+    child, started again whenever it exits, as Ray restarted the actor it once was."""
+
+    #: The shortest time between two starts (a control plane that cannot start does not spin).
+    RESTART_AFTER_S = 2.0
+
+    def __init__(self, settings: Settings, env: dict[str, str], log_path: Path, owner: tuple[int, int] | None) -> None:
+        self.settings, self.env, self.log_path, self.owner = settings, env, log_path, owner
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "dgpt.head.control_plane"]
+        if self.owner is not None:
+            argv += ["--owner", f"{self.owner[0]}:{self.owner[1]}"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env, preexec_fn=die_with_parent)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(self.settings.model_dump_json().encode())
+        self.proc.stdin.close()
+        self.started_at = time.monotonic()
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Until the control plane answers through its socket.
+
+        Raises:
+            FabricError: it exited, or did not answer within ``timeout_s``.
+        """
+        from dgpt.head.control_link import call_link, link_path
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace").splitlines()[-12:] if self.log_path.is_file() else []
+                raise FabricError("the control plane exited while starting:\n  " + "\n  ".join(tail),
+                                  hint=f"see {self.log_path}")
+            try:
+                if call_link(link_path(self.settings.home), "ping", {}, wait_s=0.5) == "ok":
+                    return
+            except FabricError:
+                pass
+            if time.monotonic() > deadline:
+                raise FabricError(f"the control plane did not answer within {timeout_s:.0f} s",
+                                  hint=f"see {self.log_path}")
+            time.sleep(0.3)
+
+    def keep_alive(self) -> None:
+        """Start it again if it exited (at most every ``RESTART_AFTER_S``)."""
+        if self.proc is None or self.proc.poll() is None or time.monotonic() - self.started_at < self.RESTART_AFTER_S:
+            return
+        print(f"control plane exited with code {self.proc.returncode}; starting it again", file=sys.stderr,
+              flush=True)
+        self.start()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            stop_tree(self.proc.pid, grace_s=grace_s)
 
 
 def restore_serve(settings: Settings, timeout_s: float = 60.0) -> int:
@@ -257,8 +332,19 @@ def run_supervisor(settings: Settings) -> int:
     # address equals its own and a raylet on this machine still names it (`--gcs-address`):
     # a donor on the head's machine waiting for its head to come back is such a raylet.
     (ray_temp_dir(settings.home) / "ray_current_cluster").unlink(missing_ok=True)
+    from dgpt.head.isolation import setup as isolation_setup
+
+    try:
+        isolation = isolation_setup(settings)
+    except FabricError as exc:
+        print(f"error: {exc.message}" + (f"\n  -> {exc.hint}" if exc.hint else ""), file=sys.stderr, flush=True)
+        return 2
+    print(f"the head's Ray runs {isolation.describe()}", file=sys.stderr if isolation.spec is None else sys.stdout,
+          flush=True)
     with open(ray_log, "ab") as log:
-        ray_proc = subprocess.Popen(ray_head_argv(settings), stdout=log, stderr=subprocess.STDOUT, env=env)
+        ray_proc = subprocess.Popen(isolation.wrap(ray_head_argv(settings)), stdout=log, stderr=subprocess.STDOUT,
+                                    env=env)
+    control = ControlProcess(settings, ray_env(paths["ray_token"]), paths["control_log"], isolation.owner)
 
     stopping = False
 
@@ -276,17 +362,21 @@ def run_supervisor(settings: Settings) -> int:
             tail = ray_log.read_text(errors="replace").splitlines()[-12:] if ray_log.is_file() else []
             raise FabricError(f"`ray start --head` exited with code {ray_proc.returncode}:\n  " + "\n  ".join(tail),
                               hint=f"see {ray_log}")
-        _bootstrap(settings)
+        _start_serve(settings)
         # ray.init() installed its own SIGTERM handler (a bare sys.exit): ours again, so a
         # stop always runs the clean-up below.
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        control.start()
+        control.wait_ready()
+        _start_door(settings)
         write_json(paths["info"], {"pid": os.getpid(), "started_at": time.time(), **head_addresses(settings),
                                    "env": shell_env(settings), "settings": settings.model_dump(
                                        include=set(RUNTIME_KEYS), mode="json")})
         print(f"dgpt head ready: {head_addresses(settings)}", flush=True)
         while not stopping and ray_proc.poll() is None:
-            reap_orphans(keep=[ray_proc.pid])
+            reap_orphans(keep=[ray_proc.pid, control.pid or 0])
+            control.keep_alive()
             time.sleep(0.5)
         return 0 if stopping else 1
     except Exception as exc:
@@ -295,7 +385,9 @@ def run_supervisor(settings: Settings) -> int:
     finally:
         # Nothing on the head needs draining (every record is committed as it happens), so
         # `ray start` and its processes, and orphans adopted from it (we are their
-        # subreaper), share one short grace period before SIGKILL.
+        # subreaper), share one short grace period before SIGKILL. The control plane goes
+        # first: a driver whose cluster vanished under it only logs errors.
+        control.stop()
         stop_trees([ray_proc.pid, *(c.pid for c in psutil.Process().children()
                                     if c.pid != ray_proc.pid and (hub is None or c.pid != hub.pid))],
                    grace_s=HEAD_STOP_GRACE_S)

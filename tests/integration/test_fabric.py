@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,21 +285,63 @@ def test_sigkilled_agent_and_raylet_end_lost(local_fabric: Settings) -> None:
 
 
 def _control_plane_procs(settings: Settings) -> list[psutil.Process]:
-    """This fabric's control-plane actor process(es): workers of its head's raylet."""
-    from dgpt.head.paths import ray_temp_dir
-
-    marker = f"--temp_dir={ray_temp_dir(settings.home)}"
+    """This fabric's control-plane process(es): children of its head's supervisor."""
+    pid = int((read_json(head_paths(settings.home)["pid"]) or {})["pid"])
     out = []
-    for raylet in psutil.process_iter(["name", "cmdline"]):
-        if raylet.info["name"] != "raylet" or marker not in (raylet.info["cmdline"] or []):
-            continue
-        for proc in raylet.children(recursive=True):
-            try:
-                if (proc.cmdline() or [""])[0] == "ray::ControlPlane":
-                    out.append(proc)
-            except psutil.NoSuchProcess:
-                pass
+    for proc in psutil.Process(pid).children():
+        try:
+            if "dgpt.head.control_plane" in proc.cmdline():
+                out.append(proc)
+        except psutil.NoSuchProcess:
+            pass
     return out
+
+
+HEAD_PROBE = """
+import json, os, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+home = sys.argv[1]
+ray.init(log_to_driver=False)
+head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Labels"].get("dgpt.io/role") == "head")
+
+@ray.remote(num_cpus=0)
+def probe(home):
+    out = {"uid": os.getuid(), "listing": sorted(os.listdir(home)) if os.path.isdir(home) else None}
+    for rel in ("head/api_key", "head/registry.sqlite", "head/tls/key.pem", "head/storage/secret"):
+        try:
+            open(os.path.join(home, rel), "rb").read(1)
+            out[rel] = "read"
+        except OSError as exc:
+            out[rel] = type(exc).__name__
+    out["processes"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    return out
+
+print("PROBE " + json.dumps(ray.get(probe.options(
+    scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote(home), timeout=120)))
+"""
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (make test installs it as root)")
+def test_ray_work_pinned_to_the_head_cannot_read_its_secrets(local_fabric: Settings, tmp_path: Path) -> None:
+    # What any Ray token holder (an active donor, a job) can do: a zero-CPU task pinned to the head.
+    script = tmp_path / "probe.py"
+    script.write_text(HEAD_PROBE)
+    out = subprocess.run([sys.executable, str(script), str(local_fabric.home)], env=_ray_env(local_fabric),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    seen = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("PROBE ")).split(" ", 1)[1])
+    paths = head_paths(local_fabric.home)
+    for rel in ("head/api_key", "head/registry.sqlite"):
+        assert (local_fabric.home / rel).is_file(), f"{rel} exists on the head"
+        assert seen[rel] in ("FileNotFoundError", "PermissionError"), f"Ray work on the head read {rel}: {seen}"
+    if os.geteuid() == 0:
+        assert seen["uid"] != 0, "Ray work on a root head runs as another user"
+    # Its own PID namespace: the sandbox's init is PID 1, and the head's other processes
+    # (the supervisor, the control plane, every donor here) are not there to trace.
+    assert 1 in seen["processes"] and len(seen["processes"]) < len(psutil.pids()) - 5, seen["processes"]
+    assert paths["dir"].stat().st_mode & 0o077 == 0, "$DGPT_HOME/head is its user's only"
 
 
 def test_killing_the_control_plane_loses_no_record(local_fabric: Settings) -> None:

@@ -84,7 +84,10 @@ def fab(ray_test_env: None) -> Iterator[Settings]:
     # The jobs keep Ray Train's checkpoints in a folder of this machine that every simulated
     # donor shares (as shared storage would be on separate hosts); the sandbox, tested in
     # test_job_envs.py and test_caps.py, lets work write only its own scratch folder.
-    settings = fabric_settings(Path(tempfile.mkdtemp(prefix="dgpt-lh-")), idle_timeout_s=20.0, sandbox="off")
+    # The head's sandbox shows the job's driver that folder too (sandbox_shared).
+    home = Path(tempfile.mkdtemp(prefix="dgpt-lh-"))
+    (home / "train-storage").mkdir()
+    settings = fabric_settings(home, idle_timeout_s=20.0, sandbox="off", sandbox_shared=str(home / "train-storage"))
     try:
         fabric.up(settings, 3, timeout_s=300, min_active=1)
         yield settings
