@@ -352,8 +352,11 @@ def run_supervisor(settings: Settings) -> int:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def own_signals() -> None:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    own_signals()
     try:
         ip = settings.node_ip or "127.0.0.1"
         if not wait_until(lambda: port_in_use(settings.ray_port, ip) or ray_proc.poll() is not None, 120):
@@ -363,13 +366,13 @@ def run_supervisor(settings: Settings) -> int:
             raise FabricError(f"`ray start --head` exited with code {ray_proc.returncode}:\n  " + "\n  ".join(tail),
                               hint=f"see {ray_log}")
         _start_serve(settings)
-        # ray.init() installed its own SIGTERM handler (a bare sys.exit): ours again, so a
-        # stop always runs the clean-up below.
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
         control.start()
         control.wait_ready()
         _start_door(settings)
+        # ray.init() installed its own SIGTERM handler (a bare sys.exit) and ray.shutdown()
+        # put back the default (die at once, leaving Ray running): ours again, so a stop
+        # always runs the clean-up below.
+        own_signals()
         write_json(paths["info"], {"pid": os.getpid(), "started_at": time.time(), **head_addresses(settings),
                                    "env": shell_env(settings), "settings": settings.model_dump(
                                        include=set(RUNTIME_KEYS), mode="json")})
