@@ -29,7 +29,8 @@ receives closed :class:`Interval` s, at most one per session per ``interval_s``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from dgpt.credit.unit import ResourceSeconds, Weights
 
@@ -80,8 +81,7 @@ class Interval:
     weights: Weights
 
 
-@dataclass(frozen=True)
-class _Open:
+class _Open(NamedTuple):  # a tuple: built for every running donor every tick
     running: Running
     start_at: float
     last_at: float
@@ -119,19 +119,20 @@ def step(state: MeterState, now: float, running: Mapping[str, Running], used: Ma
     """
     closed: list[Interval] = []
     out: dict[str, _Open] = {}
+    idle = Used()
+    # Called every autoscaler tick over every running donor: an idle hold adds nothing.
     for node_id, o in state.open.items():
         dt = now - o.last_at
-        if 0 < dt <= max_gap_s:
-            o = replace(o, used=o.used + o.last.over(dt))
-        still = running.get(node_id)
-        if still is None or (still.donor_id, still.session_id, still.weights) != (
-                o.running.donor_id, o.running.session_id, o.running.weights):
+        acc = o.used + o.last.over(dt) if 0 < dt <= max_gap_s and o.last != idle else o.used
+        r, still = o.running, running.get(node_id)
+        if still is None or (still is not r and (still.donor_id, still.session_id, still.weights) != (
+                r.donor_id, r.session_id, r.weights)):
             # The session ended (or its donor was re-profiled): its interval closes; a new one opens below.
-            if (done := _close(o, now if dt > 0 else o.last_at)) is not None:
+            if (done := _close(_Open(r, o.start_at, o.last_at, o.last, acc), now if dt > 0 else o.last_at)) is not None:
                 closed.append(done)
             continue
-        current = used.get(node_id, Used())
-        o = replace(o, last_at=max(now, o.last_at), last=current, running=still)
+        current = used.get(node_id, idle)
+        o = _Open(still, o.start_at, max(now, o.last_at), current, acc)
         if now - o.start_at >= interval_s:
             if (done := _close(o, now)) is not None:
                 closed.append(done)

@@ -7,6 +7,7 @@ re-apply it after a head restart. A ``PUT`` replaces every config-deployed appli
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,18 @@ from dgpt.head.paths import head_paths
 _APPS_PATH = "/api/serve/applications/"
 # The dashboard answers in milliseconds; a PUT waits for the controller to accept the config.
 _HTTP_TIMEOUT_S = 60.0
+_client: httpx.Client | None = None
+_client_lock = threading.Lock()
+
+
+def _http() -> httpx.Client:
+    """One keep-alive client for the process: the head asks every few seconds, and a client
+    per request builds a TLS context and a connection each time."""
+    global _client
+    with _client_lock:
+        if _client is None:
+            _client = httpx.Client(timeout=_HTTP_TIMEOUT_S)
+        return _client
 
 
 @dataclass(frozen=True)
@@ -37,8 +50,8 @@ class Dashboard:
 
     def _request(self, method: str, body: Any = None) -> httpx.Response:
         try:
-            resp = httpx.request(method, self.url + _APPS_PATH, json=body, timeout=_HTTP_TIMEOUT_S,
-                                 headers={"Authorization": f"Bearer {self.token}"})
+            resp = _http().request(method, self.url + _APPS_PATH, json=body,
+                                   headers={"Authorization": f"Bearer {self.token}"})
         except httpx.HTTPError as exc:
             raise ServeError(f"the Ray dashboard at {self.url} did not answer: {exc}",
                              hint="is the head up? see `dgpt status` and the head's log") from None

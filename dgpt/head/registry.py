@@ -1176,6 +1176,15 @@ class Registry:
                 total = len(self._entries) if state is None else self._by_state[state]
         return page, next_cursor, total
 
+    def donor_views(self, donor_ids: Iterable[str]) -> list[DonorView]:
+        """The views of the named donors this head knows, without sessions: O(len(donor_ids)),
+        for loops that follow a few donors of a large fleet (the storage tier's upkeep)."""
+        wanted = list(donor_ids)
+        scores = self.trust_scores()
+        with self._lock:
+            return [self._view(e, [], trust=scores.get(donor_id))
+                    for donor_id in wanted if (e := self._entries.get(donor_id)) is not None]
+
     def record_session(self, donor_id: str, started_at: float, ended_at: float, ended_as: contract.SessionEnd) -> None:
         """Import a finished session (history from elsewhere); it seeds the donor's reliability."""
         with self._lock:

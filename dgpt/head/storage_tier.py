@@ -172,6 +172,10 @@ class HeadStorage:
                  req.caps.disk_bytes / 2**30)
         return self.service.donor_key(donor_id).hex()
 
+    def donor_ids(self) -> list[str]:
+        """The donors the tier knows (any storage state)."""
+        return [d.donor_id for d in self.service.donors()]
+
     def sync(self, donors: Iterable[DonorView]) -> dict[str, str]:
         """Apply the registry's view: storage states (:func:`storage_states`), and the
         reliability pieces are placed by: the donor's own times its audits' trust

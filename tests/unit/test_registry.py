@@ -527,6 +527,14 @@ def test_donors_are_listed_a_page_at_a_time_and_filtered(reg: Registry, token: s
         reg.list_donors(after="d-nope")
 
 
+
+def test_views_of_named_donors_skip_unknown_ones_and_match_the_list(reg: Registry, token: str) -> None:
+    ids = [reg.register(_request(f"d{i}"), token).donor_id for i in range(5)]
+    views = reg.donor_views([ids[3], "d-nope", ids[1]])
+    assert [v.donor_id for v in views] == [ids[3], ids[1]]
+    listed = {v.donor_id: v for v in reg.list_donors(max_sessions=0)[0]}
+    assert all(v == listed[v.donor_id] for v in views)
+
 # ---------------------------------------------------------------- durability
 
 
