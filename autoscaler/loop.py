@@ -44,14 +44,17 @@ class AutoscalerLoop:
         self.errors = 0
         self.last_error: str | None = None
         self.last_summary: dict[str, Any] = {}
-        # Seconds each recent tick took to collect and decide (applying waits on Ray).
+        # Seconds each recent tick took to collect and decide (applying waits on Ray), and
+        # when (the clock's time) each started.
         self.durations_s: deque[float] = deque(maxlen=1000)
+        self.started_at: deque[float] = deque(maxlen=1000)
 
     def tick(self) -> list[Applied]:
-        started = time.perf_counter()
+        at, started = self.clock(), time.perf_counter()
         ctx = self.collect()
         decisions, self.state = self.policy(ctx, self.state)
         self.durations_s.append(time.perf_counter() - started)
+        self.started_at.append(at)
         applied = self.actuator.apply(decisions, self.clock())
         self.recent.extend(applied)
         self.ticks += 1
@@ -75,6 +78,10 @@ class AutoscalerLoop:
             self.errors += 1
             self.last_error = traceback.format_exc(limit=5)
             log.error("autoscaler tick failed:\n%s", traceback.format_exc())
+
+    def durations_between(self, start: float, end: float) -> list[float]:
+        """Seconds (collect + decide) of the recent ticks that started in ``[start, end]``."""
+        return [d for at, d in zip(self.started_at, self.durations_s, strict=False) if start <= at <= end]
 
     def status(self, bounds: AutoscalerBounds) -> dict[str, Any]:
         durations = sorted(self.durations_s)

@@ -236,7 +236,11 @@ def evaluate_targets(result: dict[str, Any], big: str) -> list[dict[str, Any]]:
     snap = [fleet.get("placement", {}).get("placement_view_ms", {}).get("p99_ms"),
             fleet.get("placement", {}).get("driver_placement_view", {}).get("p99_ms")]
     snap_p99 = max((v for v in snap if v is not None), default=None)
-    tick_p99 = fleet.get("autoscaler", {}).get("tick_p99_ms")
+    # Ticks while the fleet heartbeats at its needed rate (with and without inference, worst);
+    # the closed loops saturate the control plane on purpose, and their ticks wait with it
+    # (reported apart as the whole run's p99).
+    paced = [fleet.get(k, {}).get("p99_ms") for k in ("autoscaler_paced", "autoscaler_paced_with_inference")]
+    tick_p99 = max((v for v in paced if v is not None), default=None)
     return [
         target(f"heartbeat headroom at {big} registered donors", f">= {TARGET_HEADROOM}", fleet.get("headroom"),
                lambda v: v >= TARGET_HEADROOM),
@@ -245,7 +249,8 @@ def evaluate_targets(result: dict[str, Any], big: str) -> list[dict[str, Any]]:
                loaded_p99, lambda v: v < TARGET_HEARTBEAT_P99_MS),
         target(f"placement snapshot p99 at {big} (in the actor and through Ray, worst)", f"< {TARGET_SNAPSHOT_P99_MS} ms",
                snap_p99, lambda v: v < TARGET_SNAPSHOT_P99_MS),
-        target(f"autoscaler tick (collect + decide) p99 at {big}", f"< {TARGET_SNAPSHOT_P99_MS} ms", tick_p99,
+        target(f"autoscaler tick (collect + decide) p99 at {big}, heartbeats at the needed rate (with and without "
+               "inference, worst)", f"< {TARGET_SNAPSHOT_P99_MS} ms", tick_p99,
                lambda v: v < TARGET_SNAPSHOT_P99_MS),
     ]
 
@@ -523,6 +528,23 @@ def _driver_new(gcs: str, samples: int) -> dict[str, Any]:
             "autoscaler": {"tick_p99_ms": status.get("tick_p99_ms"), "ticks": status.get("ticks"),
                            "errors": status.get("errors"), "last_tick": status.get("last_tick"),
                            "what": "the control plane's own collect + decide durations (its last <= 1000 ticks)"}}
+
+
+def _driver_ticks(gcs: str, windows: dict[str, list[float]]) -> dict[str, Any]:
+    """The control plane's autoscaler tick durations in each named wall-clock window."""
+    import ray
+
+    from dgpt import contract
+
+    ray.init(address=gcs, namespace=contract.NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
+    cp = ray.get_actor(contract.REGISTRY_ACTOR, namespace=contract.NAMESPACE)
+    out = {}
+    for name, (start, end) in windows.items():
+        ms: Any = ray.get(cp.autoscaler_ticks.remote(start, end), timeout=60)
+        out[name] = {**summarize_ms([m / 1000 for m in ms]),
+                     "what": "collect + decide of the ticks that started during the phase"}
+    ray.shutdown()
+    return out
 
 
 def _driver_old(gcs: str, samples: int, budget_s: float, hb_timeout_s: float) -> dict[str, Any]:
@@ -909,7 +931,9 @@ def measure_fleet(head: Head, plan: Plan, size: int, seeded: range, out: dict[st
     for c in HEARTBEAT_CONCURRENCY:
         out["heartbeat"][str(c)] = fig = load(_heartbeat_spec(head, plan, seeded, fraction, c))
         _say_loop(head, size, f"heartbeats, closed loop x{c}", fig)
+    paced_at = time.time()
     out["heartbeat_paced"] = fig = load(_heartbeat_spec(head, plan, seeded, fraction, PACED_IN_FLIGHT, needed))
+    windows = {"autoscaler_paced": (paced_at, time.time())}
     _say_loop(head, size, f"heartbeats paced at the needed {needed:.0f}/s", fig)
     capacity = max((f.get("throughput_rps") or 0.0) for f in out["heartbeat"].values())
     out["heartbeat_capacity_rps"] = capacity
@@ -946,8 +970,10 @@ def measure_fleet(head: Head, plan: Plan, size: int, seeded: range, out: dict[st
                          "duration_s": infer_s, "warmup_s": 3.0, "timeout_s": 30.0})
     time.sleep(3)  # inference at full load before the first heartbeat loop
     out["heartbeat_with_inference"] = {}
+    paced_at = time.time()
     out["heartbeat_paced_with_inference"] = fig = load(
         _heartbeat_spec(head, plan, seeded, fraction, PACED_IN_FLIGHT, needed))
+    windows["autoscaler_paced_with_inference"] = (paced_at, time.time())
     _say_loop(head, size, f"heartbeats paced at {needed:.0f}/s + inference", fig)
     for c in HEARTBEAT_CONCURRENCY:
         out["heartbeat_with_inference"][str(c)] = fig = load(_heartbeat_spec(head, plan, seeded, fraction, c))
@@ -961,6 +987,13 @@ def measure_fleet(head: Head, plan: Plan, size: int, seeded: range, out: dict[st
         out["autoscaler_at_end"] = {k: cluster.get("autoscaler", {}).get(k) for k in ("tick_p99_ms", "ticks", "errors")}
         out["lost_check"] = _lost(head, before, dict(cluster.get("donors_by_state", {})),
                                   list(cluster.get("autoscaler", {}).get("donor_changes", [])))
+        # The ticks while the fleet heartbeats at its needed rate, without and with inference.
+        ticks = head.driver(["--side", "driver-ticks", "--spec", json.dumps(windows)], timeout_s=300)
+        for name in windows:
+            out[name] = ticks.get(name, {"error": ticks.get("error")})
+        _say(f"  {head.kind} @ {size}: autoscaler tick p99 at the needed heartbeat rate "
+             f"{out['autoscaler_paced'].get('p99_ms')} ms, with inference "
+             f"{out['autoscaler_paced_with_inference'].get('p99_ms')} ms")
 
 
 def run_side(kind: str, tree: Path, plan: Plan, lock: FabricLock, out: dict[str, Any],
@@ -1046,7 +1079,9 @@ def _table(result: dict[str, Any]) -> str:
         row("  needed beats /s", "fleets", size, "needed_beats_per_s")
         row("  headroom", "fleets", size, "headroom")
         row("  snapshot via Ray p99 ms", "fleets", size, "placement", "driver_placement_view", "p99_ms")
-        row("  autoscaler collect+decide p99 ms", "fleets", size, "autoscaler", "tick_p99_ms")
+        row("  autoscaler collect+decide p99 ms (whole run)", "fleets", size, "autoscaler", "tick_p99_ms")
+        row("  ... at the needed beat rate", "fleets", size, "autoscaler_paced", "p99_ms")
+        row("  ... at the needed rate + inference", "fleets", size, "autoscaler_paced_with_inference", "p99_ms")
         row("  GET /donors p50 ms", "fleets", size, "donors_list", "p50_ms")
     for t in result.get("targets", []):
         lines.append(f"target: {t['what']} {t['target']}: {t['value']} -> {t['status']}")
@@ -1114,7 +1149,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
     parser.add_argument("--lock", default=LOCK_PATH, help="lock file held while a head runs ('' for none)")
     parser.add_argument("--only", choices=("new", "baseline"), help="run one head only")
-    parser.add_argument("--side", choices=("load", "driver-new", "driver-old"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=("load", "driver-new", "driver-old", "driver-ticks"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--gcs", help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=int, default=100, help=argparse.SUPPRESS)
@@ -1125,6 +1160,9 @@ def main() -> None:
         return
     if args.side == "driver-new":
         print("RESULT " + json.dumps(_driver_new(args.gcs, args.samples)), flush=True)
+        return
+    if args.side == "driver-ticks":
+        print("RESULT " + json.dumps(_driver_ticks(args.gcs, json.loads(args.spec))), flush=True)
         return
     if args.side == "driver-old":
         print("RESULT " + json.dumps(_driver_old(args.gcs, args.samples, args.budget_s, HEARTBEAT_TIMEOUT_S)),

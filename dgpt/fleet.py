@@ -25,12 +25,14 @@ from dgpt import contract
 from dgpt.reliability.model import WeibullParams, prior_for
 from dgpt.reliability.score import REFERENCE_GFLOPS, donor_score
 from dgpt.resources import Resources
+from dgpt.wire import positional_pickle
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 
+@positional_pickle
 @dataclass(frozen=True, slots=True)
 class FleetDonor:
     """One donor as placement and the autoscaler see it.

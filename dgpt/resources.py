@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dgpt.contract import DONOR_RESOURCE
+from dgpt.wire import positional_pickle
 
 #: Ray resource names dgpt understands as amounts; anything else is a label matter.
 RAY_NAMES = ("CPU", "GPU", "memory")
@@ -25,8 +26,10 @@ EPS = 1e-9
 #: Ray's implicit per-node resources (every node has 1 of each): Serve's
 #: ``max_replicas_per_node=m`` asks for 1/m of one per replica (ray._raylet.IMPLICIT_RESOURCE_PREFIX).
 IMPLICIT_PREFIX = "node:__internal_implicit_resource_"
+_PLAIN = (float, int)
 
 
+@positional_pickle
 @dataclass(frozen=True, slots=True)
 class Resources:
     """An amount of CPU, GPU and memory (bytes), and the node labels it requires.
@@ -47,6 +50,9 @@ class Resources:
     per_node_share: float = 0.0
 
     def __post_init__(self) -> None:
+        amounts = (self.cpus, self.gpus, self.memory_bytes, self.donors, self.per_node_share)
+        if all(type(v) in _PLAIN for v in amounts) and min(amounts) >= 0 and sum(amounts) < math.inf:
+            return  # the common case, checked at once (a fleet view unpickles thousands; NaN fails the sum)
         for name in ("cpus", "gpus", "memory_bytes", "donors", "per_node_share"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (

@@ -10,8 +10,10 @@ The wire: a 4-byte big-endian length, then the payload.
 
 - A request is JSON, ``{"method": ..., "args": {...}}``: the control plane never unpickles what
   Ray work sends it, and checks each argument against the method's annotations.
-- An answer is a pickle of ``("ok", value)`` or ``("error", exception)``: Ray work unpickling
-  the control plane's answers is what every Ray call did before.
+- An answer is ``b"o"`` and a pickle of the value, or ``b"e"`` and a pickle of the exception:
+  Ray work unpickling the control plane's answers is what every Ray call did before. The
+  door hands the large answers (fleet views, node states) on still pickled
+  (:class:`Pickled`), so only the caller unpickles them, not the door and the caller both.
 """
 
 from __future__ import annotations
@@ -40,12 +42,13 @@ log = logging.getLogger("dgpt.control_link")
 #: The calls Ray work may make; nothing else on the control plane is reachable through the door.
 METHODS = ("ping", "node_states", "placement_view", "void_credit", "trust_records", "record_trust",
            "record_verification", "report_durability_margin", "training_fleet", "checkpoint_tier",
-           "storage_call", "autoscaler_status", "fleet_timings")
+           "storage_call", "autoscaler_status", "autoscaler_ticks", "fleet_timings")
 #: How long a call waits for a control plane that is (re)starting, as Ray waited for a restarting actor.
 CONNECT_WAIT_S = 120.0
 #: Requests above this size are refused unread (the largest real one is a storage write's metadata).
 MAX_REQUEST_BYTES = 16 << 20
 _LEN = struct.Struct(">I")
+_OK, _ERROR = b"o", b"e"
 
 
 def link_path(home: Path) -> Path:
@@ -119,7 +122,7 @@ class _Handler(socketserver.BaseRequestHandler):
             try:
                 request = _read_frame(sock, MAX_REQUEST_BYTES)
             except InvalidRequest as exc:
-                _send_frame(sock, pickle.dumps(("error", exc)))
+                _send_frame(sock, _ERROR + pickle.dumps(exc))
                 return
             except OSError:
                 return
@@ -127,9 +130,9 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             status, value = answer(self.server.calls, request)
             try:
-                payload = pickle.dumps((status, value))
+                payload = (_OK if status == "ok" else _ERROR) + pickle.dumps(value)
             except Exception as exc:
-                payload = pickle.dumps(("error", FabricError(f"the answer could not be sent: {exc}")))
+                payload = _ERROR + pickle.dumps(FabricError(f"the answer could not be sent: {exc}"))
             try:
                 _send_frame(sock, payload)
             except OSError:
@@ -160,9 +163,23 @@ class LinkServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 # ------------------------------------------------------------------ Ray work's side
 
 
-def call_link(path: Path, method: str, args: dict[str, Any], wait_s: float = CONNECT_WAIT_S) -> Any:
+class Pickled:
+    """An answer still pickled, as the control plane sent it: pickling it hands the bytes on,
+    and unpickling it (in the Ray caller) gives the value."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return pickle.loads, (self.data,)
+
+
+def call_link(path: Path, method: str, args: dict[str, Any], wait_s: float = CONNECT_WAIT_S,
+              raw: bool = False) -> Any:
     """One call through the socket at ``path``; waits up to ``wait_s`` for a control plane that
-    is starting. Raises what the control plane answered.
+    is starting. Raises what the control plane answered; ``raw``: the value as :class:`Pickled`.
 
     Raises:
         FabricError: no control plane answered on ``path`` within ``wait_s``, or it went away mid-call.
@@ -188,10 +205,9 @@ def call_link(path: Path, method: str, args: dict[str, Any], wait_s: float = CON
     if reply is None:
         raise FabricError(f"the control plane went away during {method}",
                           hint="it restarts by itself; retry the call")
-    status, value = pickle.loads(reply)
-    if status == "error":
-        raise value
-    return value
+    if reply[:1] == _ERROR:
+        raise pickle.loads(reply[1:])
+    return Pickled(reply[1:]) if raw else pickle.loads(reply[1:])
 
 
 def _outcome_json(outcome: Any) -> dict[str, Any]:
@@ -212,14 +228,17 @@ class ControlPlaneDoor:
     def _call(self, name: str, /, **args: Any) -> Any:
         return call_link(self._path, name, args)
 
+    def _handed_on(self, name: str, /, **args: Any) -> Any:
+        return call_link(self._path, name, args, raw=True)
+
     def ping(self) -> str:
         return str(self._call("ping"))
 
     def node_states(self) -> Any:
-        return self._call("node_states")
+        return self._handed_on("node_states")
 
     def placement_view(self) -> Any:
-        return self._call("placement_view")
+        return self._handed_on("placement_view")
 
     def void_credit(self, donor_id: str, start_at: float, end_at: float, reason: str) -> Any:
         return self._call("void_credit", donor_id=donor_id, start_at=start_at, end_at=end_at, reason=reason)
@@ -237,7 +256,7 @@ class ControlPlaneDoor:
         self._call("report_durability_margin", margin=margin)
 
     def training_fleet(self) -> Any:
-        return self._call("training_fleet")
+        return self._handed_on("training_fleet")
 
     def checkpoint_tier(self) -> Any:
         return self._call("checkpoint_tier")
@@ -256,6 +275,9 @@ class ControlPlaneDoor:
 
     def autoscaler_status(self) -> Any:
         return self._call("autoscaler_status")
+
+    def autoscaler_ticks(self, start: float, end: float) -> Any:
+        return self._call("autoscaler_ticks", start=start, end=end)
 
     def fleet_timings(self, n: int = 20) -> Any:
         return self._call("fleet_timings", n=n)

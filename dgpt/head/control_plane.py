@@ -337,6 +337,11 @@ class ControlPlane:
     def autoscaler_status(self) -> dict[str, Any]:
         return self.autoscaler.status(self.bounds)
 
+    def autoscaler_ticks(self, start: float, end: float) -> list[float]:
+        """Milliseconds (collect + decide) of the recent autoscaler ticks that started between
+        ``start`` and ``end`` (wall clock; benchmarks time a phase with it)."""
+        return [round(d * 1000, 3) for d in self.autoscaler.durations_between(start, end)]
+
     def fleet_timings(self, n: int = 20) -> dict[str, float]:
         """Milliseconds one fleet view and one placement view take now (benchmarks)."""
         t0 = time.perf_counter()

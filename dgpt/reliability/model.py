@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dgpt.contract import NOT_DEPARTURES
+from dgpt.wire import positional_pickle
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -44,6 +45,7 @@ _LOG_SHAPE_GRID: FloatArray = np.log(_SHAPE_GRID)
 _SHAPE_PRIOR_SIGMA = 0.5
 
 
+@positional_pickle
 @dataclass(frozen=True, slots=True)
 class WeibullParams:
     """A Weibull distribution of session length: ``shape`` k and ``scale_s`` in seconds."""

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dgpt.exceptions import InvalidRequest
-from dgpt.head.control_link import ControlPlaneDoor, LinkServer, answer, call_link
+from dgpt.head.control_link import ControlPlaneDoor, LinkServer, Pickled, answer, call_link
 from dgpt.verify.trust import DonorOutcome
 
 
@@ -28,6 +28,9 @@ class FakePlane:
         return {"n1": {"state": "active"}}
 
     placement_view = training_fleet = checkpoint_tier = autoscaler_status = node_states
+
+    def autoscaler_ticks(self, start: float, end: float) -> list[float]:
+        return [end - start]
 
     def void_credit(self, donor_id: str, start_at: float, end_at: float, reason: str) -> dict[str, Any]:
         return {"donor_id": donor_id, "span": end_at - start_at, "reason": reason}
@@ -99,6 +102,10 @@ def test_outcomes_cross_as_json_and_arrive_as_donor_outcomes(tmp_path: Path) -> 
             door.record_trust([{"donor_id": "d-1"}])
         assert door.void_credit("d-2", 1.0, 4.0, "failed") == {"donor_id": "d-2", "span": 3.0, "reason": "failed"}
         assert door.fleet_timings(3) == {"n": 3.0}
+        assert door.autoscaler_ticks(1.0, 3.5) == [2.5]
+        # Large answers pass the door still pickled: Ray's pickling of them hands the bytes on.
+        handed = door.placement_view()
+        assert isinstance(handed, Pickled) and pickle.loads(pickle.dumps(handed)) == plane.node_states()
         status, value = door.storage_call("no_such_call", {})
         assert status == "error" and "no_such_call" in value.message
         # Many callers at once, each answered on its own connection.

@@ -13,14 +13,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: Layer of each top-level part; a module may import only its own layer and those below.
 LAYERS = {
-    "shared": 0,  # contract, resources, fleet, config, exceptions, processes, reliability, sdk, tls
+    "shared": 0,  # contract, resources, fleet, config, exceptions, processes, reliability, sdk, tls, wire
     "policy": 1,  # placement, autoscaler: pure decisions over shared types
     "mechanism": 2,  # head, donor, serve, train, storage, ...: they apply decisions
     "cli": 3,
 }
 POLICY = ("dgpt.placement", "autoscaler")
 SHARED = ("dgpt.contract", "dgpt.resources", "dgpt.fleet", "dgpt.config", "dgpt.exceptions", "dgpt.processes", "dgpt.datasets",
-          "dgpt.reliability", "dgpt.sdk", "dgpt.tls")
+          "dgpt.reliability", "dgpt.sdk", "dgpt.tls", "dgpt.wire")
 
 
 def _layer(module: str) -> str:
