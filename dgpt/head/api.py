@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import unquote
 
@@ -293,7 +293,7 @@ class _ControlPlaneApp(FastAPI):
 
     fast_path: "HeartbeatFastPath | None" = None
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable, send: Callable) -> None:
         if self.fast_path is not None and scope["type"] == "http":
             await self.fast_path(scope, receive, send, super().__call__)
             return
@@ -319,7 +319,7 @@ class HeartbeatFastPath:
         #: Heartbeats this path answered, and those it handed to the app (tests read these).
         self.answered = self.handed_on = 0
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable, app: Callable) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable, send: Callable, app: Callable) -> None:
         m = self._PATH.match(scope["path"]) if scope["method"] == "POST" else None
         if m is None:
             await app(scope, receive, send)
@@ -373,7 +373,7 @@ class HeartbeatFastPath:
         body = b"".join(m.get("body", b"") for m in messages) if whole else None
         return body, replay
 
-    def _parse(self, scope: dict, donor_id: str, body: bytes | None) -> tuple[Heartbeat | None, str | None]:
+    def _parse(self, scope: MutableMapping[str, Any], donor_id: str, body: bytes | None) -> tuple[Heartbeat | None, str | None]:
         """The heartbeat and secret of a well-formed request; (None, None) for the app to answer."""
         if body is None or len(donor_id) > 63 or not self._DONOR_ID.match(donor_id):
             return None, None

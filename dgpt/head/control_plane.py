@@ -224,7 +224,7 @@ class ControlPlane:
         self._serve_recorded: list[dict[str, Any]] | None = None
         for name, interval, tick in (
             ("monitor", lambda: self.settings.monitor_interval_s, self.registry.tick),
-            ("autoscaler", lambda: self.settings.autoscaler_interval_s, self.autoscaler.safe_tick),
+            ("autoscaler", lambda: self.settings.autoscaler_interval_s, self._autoscale),
             ("serve-record", lambda: SERVE_RECORD_S, self._record_serve),
             ("storage-upkeep", lambda: self.settings.storage_repair_interval_s, self._storage_upkeep),
         ):
@@ -232,6 +232,12 @@ class ControlPlane:
                              daemon=True).start()
         _freeze_loaded_heap()
         log.info("control plane serving on %s:%d", settings.http_host, settings.api_port)
+
+    def stop(self) -> None:
+        """Stop the loops and the API; what was metered since the last ledger row is written."""
+        self._stop.set()
+        self._server.should_exit = True
+        self.metering.close()
 
     def _record_serve(self) -> None:
         """Record what Serve runs from config files, so a restarted head re-applies it."""
@@ -253,10 +259,16 @@ class ControlPlane:
         self.storage.sync(self.registry.donor_views(self.storage.donor_ids()))
         self.storage.upkeep()
 
+    def _autoscale(self) -> None:
+        """One autoscaler tick, then the credit metering of the usage it read: decisions are
+        not held up by accounting."""
+        self.autoscaler.safe_tick()
+        self.metering.take_offered()
+
     def _collect(self) -> AutoscalerContext:
         usage, demand = self.adapter.usage_and_demand()
         self.registry.update_usage(usage)
-        self.metering.sample(usage)
+        self.metering.offer(usage)  # integrated once the tick has decided and applied (_autoscale)
         return AutoscalerContext(self.bounds, demand, self.registry.fleet_view())
 
     # ------------------------------------------------------------ Ray callers
@@ -376,8 +388,7 @@ def run(settings: Settings, owner: tuple[int, int] | None = None) -> int:
     print(f"control plane ready (pid {os.getpid()})", flush=True)
     stop.wait()
     server.shutdown()
-    plane._stop.set()
-    plane._server.should_exit = True
+    plane.stop()
     return 0
 
 

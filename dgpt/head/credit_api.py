@@ -7,7 +7,7 @@ the API's contract (one security scheme, every error answer documented).
 """
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
@@ -30,7 +30,7 @@ MAX_ENTRIES = 1000
 
 
 def credit_router(registry: Registry, book: CreditBook, donor_id_type: Any, errors: Callable[..., dict],
-                  api_key: Callable[..., str | None], donor_secret: Callable[..., str | None]) -> APIRouter:
+                  api_key: Callable[..., Awaitable[str | None]], donor_secret: Callable[..., Awaitable[str | None]]) -> APIRouter:
     """The credit operations (see the module docstring)."""
     router = APIRouter(tags=["credit"])
     entries_query = Query(50, ge=0, le=MAX_ENTRIES, description="How many of the latest ledger rows to include.")

@@ -51,14 +51,28 @@ class Metering:
         self.on_metered = on_metered or (lambda used: None)
         self._state = MeterState()
         self._lock = threading.Lock()
+        # node id -> (its Running, the profile it was built from): reused while the session
+        # and profile stay, so a tick over thousands of running donors builds almost nothing.
+        self._runs: dict[str, tuple[Running, DeviceProfile]] = {}
+        self._latest: tuple[float, list[NodeUsage]] | None = None
 
-    def sample(self, usage: Iterable[NodeUsage]) -> list[dict[str, Any]]:
-        """One sample of every node's usage, taken now. Never raises (metering must not stop the
-        autoscaler whose tick it rides on): a failure is logged and the sample skipped."""
+    def _running(self) -> dict[str, Running]:
+        runs, out = {}, {}
+        for node, donor, session, profile in self.registry.running_sessions():
+            known = self._runs.get(node)
+            if known is None or known[1] is not profile or known[0].donor_id != donor or known[0].session_id != session:
+                known = (Running(node, donor, session, weights_for(profile)), profile)
+            runs[node] = known
+            out[node] = known[0]
+        self._runs = runs
+        return out
+
+    def sample(self, usage: Iterable[NodeUsage], at: float | None = None) -> list[dict[str, Any]]:
+        """One sample of every node's usage, taken at ``at`` (default: now). Never raises: a
+        failure is logged and the sample skipped."""
         try:
-            now = self.clock()
-            running = {node: Running(node, donor, session, weights_for(profile))
-                       for node, donor, session, profile in self.registry.running_sessions()}
+            now = self.clock() if at is None else at
+            running = self._running()
             used = {u.node_id: Used.of(u.total, u.available) for u in usage if u.node_id in running}
             with self._lock:
                 self._state, closed = step(self._state, now, running, used, interval_s=self.interval_s,
@@ -67,6 +81,18 @@ class Metering:
         except Exception:
             log.exception("metering sample failed")
             return []
+
+    def offer(self, usage: list[NodeUsage]) -> None:
+        """Keep a sample taken now for :meth:`take_offered` (the autoscaler's tick reads the
+        sample, offers it, and decides and applies before the sample is integrated)."""
+        with self._lock:
+            self._latest = (self.clock(), usage)
+
+    def take_offered(self) -> list[dict[str, Any]]:
+        """Integrate the sample last offered, if any (at the time it was offered)."""
+        with self._lock:
+            latest, self._latest = self._latest, None
+        return self.sample(latest[1], at=latest[0]) if latest is not None else []
 
     def close(self) -> list[dict[str, Any]]:
         """Close every open interval now (a clean stop): what was metered reaches the ledger."""

@@ -21,7 +21,7 @@ data. Built as a router that ``dgpt.head.api.build_app`` mounts, like the credit
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,7 @@ def _default_serve_details(registry: Registry) -> ServeDetails:
 
 
 def pages_router(registry: Registry, book: CreditBook, serve_details: ServeDetails | None,
-                 errors: Callable[..., dict], api_key: Callable[..., str | None]) -> APIRouter:
+                 errors: Callable[..., dict], api_key: Callable[..., Awaitable[str | None]]) -> APIRouter:
     """The pages and their views (see the module docstring)."""
     router = APIRouter()
     assets = _asset_names()

@@ -369,3 +369,25 @@ def test_a_failing_sample_never_raises(tmp_path: Path) -> None:
     store, book = _book(tmp_path / "r.sqlite", Clock())
     assert Metering(Broken(), book, 60, 1).sample([]) == []  # type: ignore[arg-type]
     store.close()
+
+
+def test_an_offered_sample_is_integrated_at_its_own_time_and_a_stop_writes_it(tmp_path: Path) -> None:
+    ray, clock = FakeRay(), Clock()
+    reg = _registry(tmp_path, ray, clock)
+    token = reg.create_token("join", "t").token
+    assert token
+    a = reg.register(_request("a"), token)
+    _activate(reg, ray, clock, a.donor_id, a.donor_secret, "node-a")
+    book = CreditBook(reg.store, lambda: read_ledger(reg.store.path), clock)
+    meter = Metering(reg, book, interval_s=3600.0, sample_s=1.0, clock=clock)
+    busy = [NodeUsage("node-a", {"CPU": 1.0}, {"CPU": 2.0}, 0.0, "RUNNING")]  # 1 CPU held
+    for _ in range(10):
+        meter.offer(busy)  # stamped now: the tick decides and applies before it is integrated
+        clock.now += 0.5
+        meter.take_offered()
+        clock.now += 0.5
+    assert meter.take_offered() == [], "a sample is integrated once"
+    assert reg.store.credit_rows() == [], "the hour-long interval is still open"
+    meter.close()  # the control plane's clean stop
+    rows = reg.store.credit_rows()
+    assert len(rows) == 1 and rows[0]["cpu_s"] == pytest.approx(10.0), "held from each sample to the stop"
