@@ -25,8 +25,9 @@ from dgpt.credit.unit import (
 )
 from dgpt.head.metering import Metering
 from dgpt.head.ray_adapter import NodeUsage
+from dgpt.head.registry import Registry
 from dgpt.head.store import RegistryStore, read_ledger
-from dgpt.sdk.models import DeviceProfile
+from dgpt.sdk.models import DeviceProfile, RegisterResponse
 from tests.unit.test_registry import GIB, Clock, FakeRay, _activate, _registry, _request
 
 W = Weights(cpu=0.01, gpu=0.5, memory=0.0)
@@ -329,14 +330,19 @@ def test_rows_removed_from_the_end_are_found_and_not_papered_over(tmp_path: Path
 # ---------------------------------------------------------------- metering through a real registry
 
 
-def test_metering_through_the_registry_credits_each_session_at_its_profiles_weight(tmp_path: Path) -> None:
+def _running_donor(tmp_path: Path) -> tuple[Registry, FakeRay, Clock, RegisterResponse, CreditBook]:
+    """A registry with donor "a" running on node-a, and a credit book over its SQLite file."""
     ray, clock = FakeRay(), Clock()
     reg = _registry(tmp_path, ray, clock)
     token = reg.create_token("join", "t").token
     assert token
     a = reg.register(_request("a"), token)
     _activate(reg, ray, clock, a.donor_id, a.donor_secret, "node-a")
-    book = CreditBook(reg.store, lambda: read_ledger(reg.store.path), clock)
+    return reg, ray, clock, a, CreditBook(reg.store, lambda: read_ledger(reg.store.path), clock)
+
+
+def test_metering_through_the_registry_credits_each_session_at_its_profiles_weight(tmp_path: Path) -> None:
+    reg, ray, clock, a, book = _running_donor(tmp_path)
     metered: list[ResourceSeconds] = []
     meter = Metering(reg, book, interval_s=30.0, sample_s=1.0, clock=clock, on_metered=metered.append)
 
@@ -372,13 +378,7 @@ def test_a_failing_sample_never_raises(tmp_path: Path) -> None:
 
 
 def test_an_offered_sample_is_integrated_at_its_own_time_and_a_stop_writes_it(tmp_path: Path) -> None:
-    ray, clock = FakeRay(), Clock()
-    reg = _registry(tmp_path, ray, clock)
-    token = reg.create_token("join", "t").token
-    assert token
-    a = reg.register(_request("a"), token)
-    _activate(reg, ray, clock, a.donor_id, a.donor_secret, "node-a")
-    book = CreditBook(reg.store, lambda: read_ledger(reg.store.path), clock)
+    reg, ray, clock, a, book = _running_donor(tmp_path)
     meter = Metering(reg, book, interval_s=3600.0, sample_s=1.0, clock=clock)
     busy = [NodeUsage("node-a", {"CPU": 1.0}, {"CPU": 2.0}, 0.0, "RUNNING")]  # 1 CPU held
     for _ in range(10):
