@@ -320,7 +320,9 @@ class HeartbeatFastPath:
         self.answered = self.handed_on = 0
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Callable, send: Callable, app: Callable) -> None:
-        m = self._PATH.match(scope["path"]) if scope["method"] == "POST" else None
+        # A path with an escape (``%2F`` above all) is the app's: EncodedSlashes routes it as sent.
+        raw = scope.get("raw_path") or b""
+        m = self._PATH.match(scope["path"]) if scope["method"] == "POST" and b"%" not in raw else None
         if m is None:
             await app(scope, receive, send)
             return
