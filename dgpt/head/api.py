@@ -160,6 +160,10 @@ def _error(status: int, error: str, message: str, hint: str | None = None,
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
+def _dgpt_error_response(exc: DgptError) -> JSONResponse:
+    return _error(error_status(exc), type(exc).__name__, exc.message, exc.hint)
+
+
 def _internal_error(exc: Exception) -> JSONResponse:
     return _error(500, "internal error", f"the control plane failed: {type(exc).__name__}",
                   hint="see the control plane's traceback in the head's logs/control-plane.log")
@@ -288,6 +292,15 @@ class HeldHeartbeats:
             event.set()
 
 
+async def answer_heartbeat(registry: Registry, held: HeldHeartbeats, donor_id: str, secret: str | None,
+                           hb: Heartbeat) -> HeartbeatResponse:
+    """A heartbeat's answer, held (long-poll) while the registry allows: the route's and the fast path's."""
+    resp, hold_s = registry.heartbeat(donor_id, secret, hb, can_hold=len(held) < MAX_HELD)
+    if hold_s > 0 and await held.wait(donor_id, hold_s):
+        resp, _ = registry.heartbeat(donor_id, secret, hb, can_hold=False)
+    return resp
+
+
 class _ControlPlaneApp(FastAPI):
     """The API's app: FastAPI, with heartbeats answered on :class:`HeartbeatFastPath` first."""
 
@@ -336,11 +349,9 @@ class HeartbeatFastPath:
         self.answered += 1
         donor_id = m.group(1)
         try:
-            resp, hold_s = self.registry.heartbeat(donor_id, secret, hb, can_hold=len(self.held) < MAX_HELD)
-            if hold_s > 0 and await self.held.wait(donor_id, hold_s):
-                resp, _ = self.registry.heartbeat(donor_id, secret, hb, can_hold=False)
+            resp = await answer_heartbeat(self.registry, self.held, donor_id, secret, hb)
         except DgptError as exc:
-            await _error(error_status(exc), type(exc).__name__, exc.message, exc.hint)(scope, receive, send)
+            await _dgpt_error_response(exc)(scope, receive, send)
             return
         except Exception as exc:
             log.error("POST %s failed", scope["path"], exc_info=exc)
@@ -489,7 +500,7 @@ def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats |
 
     @app.exception_handler(DgptError)
     async def _dgpt_error(_: Request, exc: DgptError) -> JSONResponse:
-        return _error(error_status(exc), type(exc).__name__, exc.message, exc.hint)
+        return _dgpt_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -556,10 +567,7 @@ def build_app(registry: Registry, services: HeadServices, held: HeldHeartbeats |
         A standby donor may ask the head to hold the request up to ``wait_s`` seconds: it is
         answered as soon as the autoscaler activates it.
         """
-        resp, hold_s = registry.heartbeat(donor_id, secret, hb, can_hold=len(held) < MAX_HELD)
-        if hold_s > 0 and await held.wait(donor_id, hold_s):
-            resp, _ = registry.heartbeat(donor_id, secret, hb, can_hold=False)
-        return resp
+        return await answer_heartbeat(registry, held, donor_id, secret, hb)
 
     @app.post("/api/v1/donors/{donor_id}/leave", response_model=LeaveResponse, tags=["donors"],
               operation_id="leaveDonor", responses=_errors(401, body=True))
