@@ -197,19 +197,33 @@ def _fit_onto(needs: Sequence[_Need], bins: Sequence[_Bin]) -> None:
                     need.used.add(b.donor_id)
 
 
+_EMPTY_F = np.zeros(0)
+_EMPTY_B = np.zeros(0, dtype=bool)
+
+
 class _Standby:
     """The standby table's donors ranked by the donor score, for picking the best fit fast."""
 
     def __init__(self, table: DonorTable, now_s: float, horizon_s: float, owners_in: Iterable[str] = ()) -> None:
         self.table = table
+        self._args = (now_s, horizon_s, owners_in)
+        self._ranked = False
+        self.value, self.free, self.owner_in = _EMPTY_F, _EMPTY_B, _EMPTY_B
+
+    def _rank(self) -> None:
+        """Score the whole standby table: only once a tick needs an activation (most need none)."""
+        table, (now_s, horizon_s, owners_in) = self.table, self._args
         self.value = donor_score(table.shape, table.scale_s, now_s - table.start_s, horizon_s, table.gflops)
         self.free = np.ones(len(table), dtype=bool)
         codes = [table.owner_index[o] for o in owners_in if o in table.owner_index]
         self.owner_in = np.isin(table.owner_codes, np.array(codes, dtype=np.int64))
+        self._ranked = True
 
     def best_for(self, shape: Resources | None) -> int | None:
         """Index of the most valuable free donor that fits ``shape`` (any donor when None)."""
         t = self.table
+        if not self._ranked:
+            self._rank()
         mask = self.free.copy()
         score = self.value.copy()
         if shape is not None:

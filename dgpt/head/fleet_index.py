@@ -3,7 +3,7 @@
 The registry tells the index about every donor whose lifecycle, caps or Ray usage changed
 (:meth:`FleetIndex.put`) and about every heartbeat (:meth:`FleetIndex.touch`). Active and
 activating donors are kept as :class:`~dgpt.fleet.FleetDonor` objects (there are at most a
-few thousand: Ray's envelope); standby donors, who may number 100k, are kept as numpy
+few thousand: Ray's envelope), the active ones also as columns until one changes; standby donors, who may number 100k, are kept as numpy
 columns with reusable slots. :meth:`FleetIndex.view` copies the columns of the standby
 donors whose heartbeat is still fresh: O(active) Python work plus a few array copies.
 Not thread-safe by itself: the registry calls it under its lock.
@@ -17,7 +17,7 @@ from typing import cast
 
 import numpy as np
 
-from dgpt.fleet import DonorTable, FleetDonor, FleetView
+from dgpt.fleet import DonorColumns, DonorTable, FleetDonor, FleetView
 
 _INITIAL_SLOTS = 1024
 
@@ -36,6 +36,7 @@ class FleetIndex:
 
     def __init__(self) -> None:
         self._active: dict[str, FleetDonor] = {}
+        self._active_columns: DonorColumns | None = None  # of _active; None once it changed
         self._activating: dict[str, tuple[FleetDonor, float]] = {}
         self._slot: dict[str, int] = {}
         self._free: list[int] = []
@@ -76,6 +77,8 @@ class FleetIndex:
         donors are left out of views (they may be gone).
         """
         donor_id = donor.donor_id
+        if role is Role.ACTIVE or donor_id in self._active:
+            self._active_columns = None
         if role is not Role.ACTIVE:
             self._active.pop(donor_id, None)
         if role is not Role.ACTIVATING:
@@ -143,6 +146,13 @@ class FleetIndex:
     def active(self) -> list[FleetDonor]:
         return list(self._active.values())
 
+    def active_columns(self) -> DonorColumns:
+        """The active donors as columns, built again only after one of them changed: every
+        view until then shares them, and a placement view pickles them as they are."""
+        if self._active_columns is None:
+            self._active_columns = DonorColumns.of(tuple(self._active.values()))
+        return self._active_columns
+
     def view(self, now: float) -> FleetView:
         """The fleet frozen now: active and fresh activating donors, fresh standby columns."""
         n = self._size
@@ -173,4 +183,4 @@ class FleetIndex:
             relayed=self._relayed[sel],
         )
         activating = tuple(d for d, deadline in self._activating.values() if deadline >= now)
-        return FleetView(now_s=now, active=tuple(self._active.values()), activating=activating, standby=standby)
+        return FleetView(now_s=now, active=self.active_columns(), activating=activating, standby=standby)

@@ -1051,7 +1051,7 @@ class Registry:
                 self._cold_view = (self._cold_version, now, view)
                 return view
             cold = cached[2]
-            return FleetView(now_s=now, active=tuple(self._index.active()), activating=cold.activating,
+            return FleetView(now_s=now, active=self._index.active_columns(), activating=cold.activating,
                              standby=cold.standby)
 
     def known_donors(self, donor_ids: Iterable[str]) -> set[str]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from dgpt import contract
 from dgpt.exceptions import PlacementError
-from dgpt.fleet import FleetView
+from dgpt.fleet import DonorColumns, FleetView
 from dgpt.resources import Resources
 
 #: How long a placement counts against its donor's free capacity: long enough for Ray to
@@ -44,16 +44,13 @@ def _with_reservations(snapshot: FleetView, now_s: float) -> FleetView:
         held = list(_reservations)
     if not held:
         return snapshot
-    donors = []
-    for d in snapshot.active:
-        mine = [r for r in held if r.donor_id == d.donor_id]
-        if mine:
-            free = d.free
-            for r in mine:
-                free = free.minus(r.resources)
-            d = replace(d, available=free)
-        donors.append(d)
-    return replace(snapshot, active=tuple(donors))
+    donors = DonorColumns.of(snapshot.active)  # only the reserved donors are read one by one
+    reserved = {r.donor_id for r in held}
+    free = {d: donors[j].free for j, d in enumerate(donors.donor_ids) if d in reserved}
+    for r in held:
+        if r.donor_id in free:
+            free[r.donor_id] = free[r.donor_id].minus(r.resources)
+    return replace(snapshot, active=donors.with_free(free))
 
 
 def recent_owners(kind: str, now_s: float | None = None) -> set[str]:
@@ -66,7 +63,8 @@ def recent_owners(kind: str, now_s: float | None = None) -> set[str]:
 def reserve(kind: str, ray_options: Mapping[str, Any], snapshot: FleetView) -> None:
     """Hold the resources of a placement just handed out until Ray's usage reports them."""
     donor_id = ray_options.get("label_selector", {}).get(contract.LABEL_DONOR_ID)
-    owner = next((d.owner for d in snapshot.active if d.donor_id == donor_id), "")
+    donors = DonorColumns.of(snapshot.active)
+    owner = next((donors.owners[j] for j, d in enumerate(donors.donor_ids) if d == donor_id), "")
     resources = Resources(float(ray_options.get("num_cpus", 0.0)), float(ray_options.get("num_gpus", 0.0)),
                           float(ray_options.get("memory", 0.0)))
     with _lock:
