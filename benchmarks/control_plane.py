@@ -523,8 +523,11 @@ def _driver_new(gcs: str, samples: int) -> dict[str, Any]:
         active = len(view.active)
     status: Any = ray.get(cp.autoscaler_status.remote(), timeout=60)
     ray.shutdown()
+    slowest = sorted(range(len(through_ray)), key=lambda i: -through_ray[i])[:3]
     return {"placement": {"fleet_view_ms": summarize_ms(fleet_view), "placement_view_ms": summarize_ms(placement_view),
-                          "driver_placement_view": summarize_ms(through_ray), "active_in_view": active},
+                          "driver_placement_view": {**summarize_ms(through_ray),
+                                                    "slowest": [[i, round(through_ray[i] * 1000, 2)] for i in slowest]},
+                          "active_in_view": active},
             "autoscaler": {"tick_p99_ms": status.get("tick_p99_ms"), "ticks": status.get("ticks"),
                            "errors": status.get("errors"), "last_tick": status.get("last_tick"),
                            "what": "the control plane's own collect + decide durations (its last <= 1000 ticks)"}}
