@@ -290,6 +290,7 @@ def _metrics(name: str, result: dict[str, Any], summary: Any, applied: list[dict
         rows.append({"at_s": round(at, 1), "caused_by": f"{cause['donor']} {cause['action']}" if cause else "?",
                      "kind": "loss" if cause and cause["action"] == "leave" else "resize",
                      "detected_as": i.cause, "lost_steps": i.lost_steps, "recovery_s": round(i.recovery_s, 2),
+                     "restart_s": round(i.restart_s, 2),
                      "world_size": [i.world_size_before, i.world_size_after]})
     loss_rows = [r for r in rows if r["kind"] == "loss"]
     return {

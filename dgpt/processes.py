@@ -231,6 +231,26 @@ _PR_SET_PDEATHSIG = 1
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 
 
+def raise_priority(nice: int) -> tuple[bool, str]:
+    """Give this process the CPU priority ``nice`` (<= 0): (done, what happened, for the log).
+
+    Lowering a nice value needs root or CAP_SYS_NICE; without either the process keeps its
+    priority and the answer says so (it is not an error: the process works, less promptly
+    when its machine is saturated).
+    """
+    if nice > 0:
+        raise ValueError(f"raise_priority takes a nice value <= 0, got {nice}")
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if current <= nice:
+        return True, f"CPU priority nice {current}"
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except PermissionError:
+        return False, (f"CPU priority left at nice {current}: raising it to {nice} needs root or CAP_SYS_NICE "
+                       "(set DGPT_CONTROL_PLANE_NICE=0 to stop asking)")
+    return True, f"CPU priority nice {nice}"
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` for a child that must not outlive this process: SIGTERM when it dies.
 

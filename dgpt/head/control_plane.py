@@ -20,6 +20,9 @@ and no Ray work on the head can read its files or its memory (``dgpt.head.isolat
 Ray callers reach :class:`ControlPlane`'s methods through the actor named ``REGISTRY_ACTOR``,
 a door that forwards them over a Unix socket (``dgpt.head.control_link``).
 
+It runs at a raised CPU priority (``control_plane_nice``, where the head may raise one), so
+Serve replicas and jobs that saturate the head's CPUs delay neither heartbeats nor ticks.
+
 Each loop survives any single tick's exception (logged with its traceback). Killing the
 process loses no record: the supervisor starts it again, which reloads the SQLite file and
 binds the same ports again; donors keep heartbeating through the gap.
@@ -46,6 +49,7 @@ from dgpt.config import Settings
 from dgpt.exceptions import FabricError, InvalidRequest, NotEnoughDonors, NotFound
 from dgpt.fleet import FleetView
 from dgpt.head.paths import head_paths
+from dgpt.processes import raise_priority
 from dgpt.tls import head_fingerprint, tls_files
 from dgpt.verify.trust import DonorOutcome
 
@@ -377,6 +381,9 @@ def run(settings: Settings, owner: tuple[int, int] | None = None) -> int:
     from dgpt import contract
     from dgpt.head.control_link import LinkServer, link_path
 
+    # First, before any thread starts: Linux keeps a nice value per thread, and new threads inherit it.
+    _, said = raise_priority(settings.control_plane_nice)
+    print(f"control plane: {said}", flush=True)
     stop = threading.Event()
     gcs = f"{settings.node_ip or '127.0.0.1'}:{settings.ray_port}"
     ray.init(address=gcs, namespace=contract.NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)

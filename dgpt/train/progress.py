@@ -119,6 +119,9 @@ class Interruption:
     world_size_after: int
     drain_noticed_at: float | None = None
     jit_step: int | None = None
+    #: Last step before to the next attempt's start (its workers up, restored): the rest of
+    #: ``recovery_s`` is that attempt's first step.
+    restart_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,7 @@ def summarize(events: Iterable[Mapping[str, Any]]) -> RunSummary:
             last_step=last, resumed_from=nxt.resume_step, lost_steps=max(0, last - nxt.resume_step),
             recovery_s=max(0.0, first_next - last_t), world_size_before=cur.world_size,
             world_size_after=nxt.world_size, drain_noticed_at=float(cur.drain["t"]) if cur.drain else None,
-            jit_step=cur.jit_step,
+            jit_step=cur.jit_step, restart_s=max(0.0, nxt.started_at - last_t),
         ))
     computed = sum(len({s for _, s in a.steps}) for a in runs)
     if finished_at is None and runs:

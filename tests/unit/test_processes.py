@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 
-from dgpt.processes import kill_at_once, tree
+from dgpt.processes import kill_at_once, raise_priority, tree
 
 # A parent and a child that, told its parent died (PR_SET_PDEATHSIG -> SIGTERM), writes
 # a marker: what a graceful shutdown on a parent's death would do.
@@ -69,3 +71,47 @@ def test_processes_already_gone_are_skipped_and_the_rest_still_die() -> None:
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     kill_at_once([gone_proc, psutil.Process(live.pid)])
     assert live.wait(10) == -9, "the live one was SIGKILLed although the first was gone"
+
+
+# A process that asks for a raised priority, starts a thread after, and prints what each runs at.
+PRIORITY = """
+import os, sys, threading
+from dgpt.processes import raise_priority
+if len(sys.argv) > 2:
+    os.setuid(int(sys.argv[2]))
+done, said = raise_priority(int(sys.argv[1]))
+seen = []
+t = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, 0)))
+t.start(); t.join()
+print(done, os.getpriority(os.PRIO_PROCESS, 0), seen[0], said, sep="|")
+"""
+
+
+def _priority(nice: int, *as_uid: int) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", PRIORITY, str(nice), *map(str, as_uid)], capture_output=True,
+                         text=True, timeout=60, check=True)
+    return out.stdout.strip().split("|")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a CPU priority needs root (CI runs as root)")
+def test_a_raised_priority_holds_for_the_process_and_the_threads_it_starts_after() -> None:
+    assert _priority(-5)[:3] == ["True", "-5", "-5"]
+
+
+def test_without_the_right_to_raise_it_the_process_keeps_its_priority_and_says_why() -> None:
+    done, now, thread, said = _priority(-5, *([65534] if os.geteuid() == 0 else []))
+    assert (done, now, thread) == ("False", "0", "0")
+    assert "CAP_SYS_NICE" in said and "DGPT_CONTROL_PLANE_NICE=0" in said
+    with pytest.raises(ValueError, match="<= 0"):
+        raise_priority(3)
+
+
+def test_the_control_plane_priority_setting_is_checked_by_name() -> None:
+    from pydantic import ValidationError
+
+    from dgpt.config import Settings
+
+    assert Settings().control_plane_nice == -5
+    for bad in (1, -21):
+        with pytest.raises(ValidationError, match="control_plane_nice"):
+            Settings(control_plane_nice=bad)

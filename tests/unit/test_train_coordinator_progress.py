@@ -58,7 +58,8 @@ def test_summary_counts_lost_steps_and_recovery_per_interruption() -> None:
     assert s.attempts == 3 and s.final_step == 42
     first, second = s.interruptions
     assert (first.cause, first.last_step, first.resumed_from, first.lost_steps) == ("failure", 30, 20, 10)
-    assert first.recovery_s == 11 - 4.0 and (first.world_size_before, first.world_size_after) == (3, 2)
+    assert first.recovery_s == 11 - 4.0 and first.restart_s == 10 - 4.0
+    assert (first.world_size_before, first.world_size_after) == (3, 2)
     assert (second.cause, second.lost_steps, second.jit_step) == ("drain", 0, 40)
     assert s.lost_steps == 10 and s.computed_steps == 30 + 20 + 2
     assert s.computed_steps - s.lost_steps == s.final_step
