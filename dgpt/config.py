@@ -213,7 +213,7 @@ class Settings(BaseModel):
     idle_timeout_s: PositiveSeconds = Field(300.0, description="Idle time after which the autoscaler may drain a donor.")
     autoscaler_interval_s: PositiveSeconds = Field(1.0, description="How often the autoscaler decides.")
     control_plane_nice: int = Field(
-        -5, ge=-20, le=0,
+        -10, ge=-20, le=0,
         description="Head: the control plane's CPU priority (a nice value). Below 0 it keeps heartbeats and "
         "autoscaler ticks on time while Serve replicas or jobs on the head saturate its CPUs; it needs root or "
         "CAP_SYS_NICE, and without either the control plane runs at 0 and says so in its log. 0: as any process.",

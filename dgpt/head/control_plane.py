@@ -168,11 +168,6 @@ class ControlPlane:
         settings = Settings.model_validate_json(settings_json)
         self.settings = settings
         _raise_open_file_limit()
-        try:
-            # Heartbeats must not wait behind the inference proxy on a busy head.
-            os.nice(-5)
-        except OSError:
-            pass
         gcs = f"{settings.node_ip or '127.0.0.1'}:{settings.ray_port}"
         paths = head_paths(settings.home)
         self.adapter = RayAdapter(gcs)

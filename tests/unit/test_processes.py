@@ -111,7 +111,7 @@ def test_the_control_plane_priority_setting_is_checked_by_name() -> None:
 
     from dgpt.config import Settings
 
-    assert Settings().control_plane_nice == -5
+    assert Settings().control_plane_nice == -10
     for bad in (1, -21):
         with pytest.raises(ValidationError, match="control_plane_nice"):
             Settings(control_plane_nice=bad)
